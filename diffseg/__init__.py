@@ -1,0 +1,1 @@
+"""DiffSeg in PyTorch."""
