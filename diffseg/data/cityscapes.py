@@ -1,0 +1,135 @@
+"""Cityscapes-27: labelIds 7..33 -> classes 0..26, every other id unlabelled."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffseg.data.base import IGNORE_INDEX, LabelledDataset, make_lut
+from diffseg.data.paths import default_data_root
+
+#: The 27 classes, labelIds 7..33 in order.
+CITYSCAPES27_CLASSES = [
+    "road",
+    "sidewalk",
+    "parking",
+    "rail track",
+    "building",
+    "wall",
+    "fence",
+    "guard rail",
+    "bridge",
+    "tunnel",
+    "pole",
+    "polegroup",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "caravan",
+    "trailer",
+    "train",
+    "motorcycle",
+    "bicycle",
+]
+FIRST_LABEL_ID = 7
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+PREPARE_COMMAND = "python datasets/prepare_cityscapes.py --root {root}"
+
+
+def cityscapes_layout_help(root: Path, split: str = "val") -> str:
+    """The sentence telling a user what Cityscapes layout is expected and how to make it."""
+    return (
+        "expected the official Cityscapes layout:\n"
+        f"  {root}/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>{IMAGE_SUFFIX}\n"
+        f"  {root}/gtFine/{split}/<city>/<city>_<seq>_<frame>{LABEL_SUFFIX}\n"
+        "Cityscapes needs a login: download leftImg8bit_trainvaltest.zip and "
+        "gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/, then run: "
+        f"{PREPARE_COMMAND.format(root=root)} --from-archives <folder with the zips>  "
+        "(see datasets/README.md)."
+    )
+
+
+class Cityscapes27(LabelledDataset):
+    """Cityscapes-27 (SPEC section 6): every ``*_leftImg8bit.png`` of the split with its
+    ``*_gtFine_labelIds.png``; labelIds 7..33 map to 0..26, all else to -1 (ignored).
+
+    Args:
+        root: the dataset folder; None means ``default_data_root() / "cityscapes"``.
+        split: "val" (500 images), "train" or "test" (test labels are all unlabelled).
+        image_size: model input side (512). label_size: evaluation resolution (320 or 512).
+        ids: optional subset of ids (``<city>_<seq>_<frame>``) in the wanted order.
+
+    Ids are sorted by city, then file name. Raises FileNotFoundError for a missing root, an
+    empty split or a missing label file (naming it).
+    """
+
+    name = "cityscapes"
+    _allowed_values = "any labelId (7..33 are classes, others unlabelled)"
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "val",
+        image_size: int = 512,
+        label_size: int = 512,
+        ids: Sequence[str] | None = None,
+    ) -> None:
+        root = Path(root).expanduser() if root is not None else default_data_root() / "cityscapes"
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        if not image_dir.is_dir() or not label_dir.is_dir():
+            missing = image_dir if not image_dir.is_dir() else label_dir
+            raise FileNotFoundError(
+                f"Cityscapes not found at {root} ({missing} does not exist).\n"
+                + cityscapes_layout_help(root, split)
+            )
+        found = {
+            p.name[: -len(IMAGE_SUFFIX)]: p
+            for p in sorted(
+                image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: (p.parent.name, p.name)
+            )
+        }
+        if not found:
+            raise FileNotFoundError(
+                f"no *{IMAGE_SUFFIX} images in {image_dir}/<city>/.\n"
+                + cityscapes_layout_help(root, split)
+            )
+        if ids is None:
+            ids = list(found)
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise FileNotFoundError(
+                f"{len(unknown)} requested Cityscapes ids have no image in {image_dir}, first: "
+                f"{unknown[0]}"
+            )
+        image_paths = [found[i] for i in ids]
+        label_paths = [
+            label_dir / p.parent.name / (i + LABEL_SUFFIX)
+            for i, p in zip(ids, image_paths, strict=True)
+        ]
+        missing_labels = [p for p in label_paths if not p.is_file()]
+        if missing_labels:
+            raise FileNotFoundError(
+                f"{len(missing_labels)} of {len(ids)} Cityscapes label files are missing, first: "
+                f"{missing_labels[0]}. Nothing is skipped: extract gtFine_trainvaltest.zip.\n"
+                + cityscapes_layout_help(root, split)
+            )
+        mapping = {FIRST_LABEL_ID + k: k for k in range(len(CITYSCAPES27_CLASSES))}
+        super().__init__(
+            ids,
+            image_paths,
+            label_paths,
+            lut=make_lut(mapping, default=IGNORE_INDEX),
+            class_names=CITYSCAPES27_CLASSES,
+            image_size=image_size,
+            label_size=label_size,
+            root=root,
+            split=split,
+        )

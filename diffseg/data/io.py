@@ -1,0 +1,88 @@
+"""Decoding image and label files exactly as stored.
+
+Images are decoded with Pillow, which never applies the EXIF orientation tag (the benchmark
+files are used as stored, as the reference's ``tf.io.decode_jpeg`` does) and raises on
+truncated files instead of returning a partly grey picture. Labels are read as the integers
+stored in the PNG: a palette PNG gives its indices, never its colours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# Pillow modes holding integers wider than 8 bits (16-bit PNGs and the like).
+_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Single-channel modes whose stored values are the class ids of a label map.
+_LABEL_MODES = ("L", "P", "1", *_WIDE_INT_MODES)
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path``; a missing or undecodable file raises one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise OSError(
+            f"cannot decode {what} file {path} ({type(err).__name__}: {err}); the file is "
+            "corrupt, truncated or not an image: re-extract or re-download it."
+        ) from err
+
+
+def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit intensities to 8 bits by keeping the high byte (what libpng's strip_16 does)."""
+    return (np.clip(values.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def read_image_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to RGB.
+
+    Grayscale is replicated to three channels, alpha is dropped (not composited, like
+    ``tf.io.decode_image(channels=3)``), palette images take their palette colours, 16-bit
+    images keep their high byte, CMYK/YCbCr are converted by Pillow. EXIF orientation is
+    NOT applied.
+
+    Returns:
+        uint8 array (H, W, 3), values 0..255, H and W as stored in the file.
+    """
+    img = _open(Path(path), "image")
+    if img.mode in _WIDE_INT_MODES:
+        gray = _wide_to_uint8(np.asarray(img))
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        # P with transparency: Pillow warns that it goes through RGBA; the result is the
+        # palette colours with alpha dropped, which is what we want.
+        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA") else img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a label map PNG as its stored integers.
+
+    Accepts single-channel images: 8-bit grayscale, palette (the indices are the values),
+    1-bit, 16-bit. A colour (RGB/RGBA/LA) label file is refused with an explanation, since its
+    colours are not class ids.
+
+    Returns:
+        integer array (H, W): uint8 for 8-bit files, int32/uint16 for wider ones.
+    """
+    path = Path(path)
+    img = _open(path, "label")
+    if img.mode not in _LABEL_MODES:
+        raise ValueError(
+            f"label file {path} is a {img.mode} image; a label map must be a single-channel "
+            "PNG whose pixel values are class ids (8-bit grayscale, palette or 16-bit). A "
+            "colour visualisation (such as Cityscapes' *_gtFine_color.png) cannot be used."
+        )
+    arr = np.asarray(img)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return arr

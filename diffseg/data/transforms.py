@@ -1,0 +1,145 @@
+"""Preprocessing of SPEC section 1: centre square crop, resize, scaling to [-1, 1].
+
+The reference (TensorFlow) pipeline is: decode to uint8, crop the centre square of side
+c = min(H, W) starting at row (H - c) // 2 and column (W - c) // 2, then
+``tf.image.resize`` to 512x512 (bilinear, half-pixel centres, no antialias; it returns
+float32 *without rounding*), then x / 127.5 - 1. Labels take the same crop and a
+nearest-neighbour resize with half-pixel centres (source index floor((i + 0.5) * c / size)).
+
+Here the image resize is ``torch.nn.functional.interpolate(mode="bilinear",
+align_corners=False, antialias=False)`` on the float image, which computes the same formula
+as ``tf.image.resize`` and, like it, does not round back to uint8 (``cv2.INTER_LINEAR`` on
+uint8 agrees to within one grey level but rounds, and uses 11-bit fixed-point weights).
+The label resize uses explicit integer index arithmetic: ``cv2.INTER_NEAREST_EXACT`` does
+not give the formula's indices for every size.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
+
+
+def center_crop_box(height: int, width: int) -> tuple[int, int, int]:
+    """The centre square of an (height, width) image: returns (top, left, side)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"cannot crop an empty image of size {height}x{width}")
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def center_crop_square(x: ArrayOrTensor) -> ArrayOrTensor:
+    """Centre square crop of side min(H, W).
+
+    Args:
+        x: a numpy array laid out (H, W) or (H, W, C) (decoded images and labels), or a torch
+            tensor laid out (..., H, W) (e.g. (C, H, W) or (B, C, H, W)).
+
+    Returns:
+        the same type, (c, c[, C]) for arrays and (..., c, c) for tensors, c = min(H, W);
+        a view, no copy.
+    """
+    if isinstance(x, torch.Tensor):
+        if x.ndim < 2:
+            raise ValueError(f"expected a tensor (..., H, W), got shape {tuple(x.shape)}")
+        top, left, side = center_crop_box(x.shape[-2], x.shape[-1])
+        return x[..., top : top + side, left : left + side]
+    if x.ndim not in (2, 3):
+        raise ValueError(f"expected an array (H, W) or (H, W, C), got shape {x.shape}")
+    top, left, side = center_crop_box(x.shape[0], x.shape[1])
+    return x[top : top + side, left : left + side]
+
+
+def resize_image(image: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
+    """Bilinear resize to (size, size) with half-pixel centres and no antialiasing.
+
+    Args:
+        image: float or uint8 tensor (C, h, w) or (B, C, h, w), or a uint8/float numpy array
+            (h, w, C) as decoded (converted to (C, h, w)). Values are kept in their range.
+        size: output side.
+
+    Returns:
+        float32 tensor (C, size, size) or (B, C, size, size), NOT rounded (as
+        ``tf.image.resize``). A tensor input keeps its device.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3:
+            raise ValueError(f"expected a numpy image (h, w, C), got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.ndim not in (3, 4):
+        raise ValueError(f"expected (C, h, w) or (B, C, h, w), got shape {tuple(image.shape)}")
+    batched = image.ndim == 4
+    x = image if batched else image.unsqueeze(0)
+    x = x.to(torch.float32)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+        )
+    return x if batched else x.squeeze(0)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of a half-pixel-centre nearest resize: floor((i + 0.5) * in / out).
+
+    Computed exactly in integers, ((2i + 1) * in) // (2 * out), clamped to in - 1.
+
+    Returns:
+        int64 array (out_size,).
+    """
+    if in_size <= 0 or out_size <= 0:
+        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+    i = np.arange(out_size, dtype=np.int64)
+    return np.minimum(((2 * i + 1) * in_size) // (2 * out_size), in_size - 1)
+
+
+def resize_label(label: ArrayOrTensor, size: int) -> ArrayOrTensor:
+    """Nearest-neighbour resize with half-pixel centres (as ``tf.image.resize`` NEAREST_NEIGHBOR,
+    PIL's NEAREST and torch's "nearest-exact") of a label map.
+
+    Args:
+        label: integer numpy array (h, w) or tensor (..., h, w). Values are copied, never mixed.
+        size: output side.
+
+    Returns:
+        the same type and dtype, (size, size) (tensors: (..., size, size)).
+    """
+    if isinstance(label, torch.Tensor):
+        rows = torch.from_numpy(nearest_indices(label.shape[-2], size)).to(label.device)
+        cols = torch.from_numpy(nearest_indices(label.shape[-1], size)).to(label.device)
+        return label.index_select(-2, rows).index_select(-1, cols)
+    if label.ndim != 2:
+        raise ValueError(f"expected a label array (h, w), got shape {label.shape}")
+    rows = nearest_indices(label.shape[0], size)
+    cols = nearest_indices(label.shape[1], size)
+    return label[rows[:, None], cols[None, :]]
+
+
+def to_model_range(image: torch.Tensor) -> torch.Tensor:
+    """0..255 values to the model's range: x / 127.5 - 1 (float32, [-1, 1] for 0..255 input)."""
+    return image.to(torch.float32) / 127.5 - 1.0
+
+
+def from_model_range(image: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_model_range` for display: (3, S, S) in [-1, 1] to uint8 (S, S, 3)."""
+    x = ((image.detach().to("cpu", torch.float32) + 1.0) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def preprocess_image(rgb: np.ndarray, image_size: int) -> torch.Tensor:
+    """Decoded uint8 RGB (H, W, 3) to the model input: crop, resize, scale.
+
+    Returns:
+        float32 tensor (3, image_size, image_size) in [-1, 1].
+    """
+    return to_model_range(resize_image(center_crop_square(rgb), image_size))
+
+
+def preprocess_label(label: np.ndarray, label_size: int) -> np.ndarray:
+    """A label map (H, W) (any integer dtype, class mapping before or after: nearest resize
+    only copies values) to (label_size, label_size): crop, then nearest resize."""
+    return resize_label(center_crop_square(label), label_size)
