@@ -1,0 +1,263 @@
+"""Score a folder of predicted segment maps against a benchmark's labels.
+
+Usage::
+
+    python -m eval.score --dataset coco_stuff27 --predictions DIR [--root R]
+        [--resolution 512] [--curated | --no-curated] [--ids-file F] [--ignore-extra]
+        [--output results.json] [--per-image per_image.jsonl]
+
+``DIR`` holds one single-channel PNG per image, ``<id>.png`` (8- or 16-bit; values are segment
+ids, any ids, any number of them), at the evaluation resolution (``--resolution``, 512 or 320 in
+the paper). Labels come from the dataset loaders (``diffseg.data``), preprocessed as SPEC.md
+section 1, and each image is scored with the per-image Hungarian matching of ``eval.metrics``.
+Every check (missing, extra and wrongly sized files) runs before any scoring, and outputs are
+written only once everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from eval.metrics import HungarianMetrics, json_safe
+
+PROTOCOL = "per-image Hungarian matching (SPEC.md section 7; eval/README.md)"
+# Single-channel Pillow modes whose values are the stored integers.
+_ID_MODES = ("L", "P", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
+_SHOW = 5  # ids shown in error messages
+
+
+def read_prediction(path: str | Path) -> np.ndarray:
+    """Read a predicted segment map PNG.
+
+    Returns:
+        (H, W) int64 segment ids as stored (palette PNGs give their indices).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise OSError(f"cannot decode prediction {path} ({type(err).__name__}: {err}).") from err
+    if img.mode not in _ID_MODES:
+        raise ValueError(
+            f"prediction {path} is a {img.mode} image; predictions must be single-channel PNGs "
+            "(8- or 16-bit grayscale, or palette) whose values are segment ids."
+        )
+    arr = np.asarray(img).astype(np.int64)
+    if arr.min(initial=0) < 0:
+        raise ValueError(f"prediction {path} holds negative values; segment ids must be >= 0.")
+    return arr
+
+
+def _list_ids(ids: Sequence[str], more: int) -> str:
+    shown = ", ".join(ids[:_SHOW])
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def find_predictions(
+    pred_dir: str | Path, ids: Sequence[str], ignore_extra: bool = False
+) -> list[Path]:
+    """The prediction file of every id, in ``ids`` order, after checking the folder.
+
+    Raises:
+        FileNotFoundError: the folder is missing, or some ids have no ``<id>.png`` (says how
+            many and lists the first few).
+        ValueError: the folder holds other files (unless ``ignore_extra``). Hidden files are
+            never counted.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"predictions folder not found: {pred_dir}")
+    present = {p.name for p in pred_dir.iterdir() if not p.name.startswith(".")}
+    expected = [f"{i}.png" for i in ids]
+    missing = [i for i, name in zip(ids, expected, strict=True) if name not in present]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(ids)} predictions are missing from {pred_dir}: "
+            f"{_list_ids(missing, len(missing) - _SHOW)}. Expected one <id>.png per image "
+            "of the dataset (check --dataset, --curated and --ids-file)."
+        )
+    extra = sorted(present - set(expected))
+    if extra and not ignore_extra:
+        raise ValueError(
+            f"{pred_dir} holds {len(extra)} entries that are not predictions of this dataset: "
+            f"{_list_ids(extra, len(extra) - _SHOW)}. Remove them, or pass --ignore-extra."
+        )
+    return [pred_dir / name for name in expected]
+
+
+def check_sizes(paths: Sequence[Path], resolution: int) -> None:
+    """Every prediction must be resolution x resolution (read from the PNG headers only)."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError) as err:
+            raise OSError(f"cannot read prediction {path} ({err}).") from err
+        if (height, width) != (resolution, resolution):
+            raise ValueError(
+                f"prediction {path} is {height}x{width} (height x width) but labels are compared "
+                f"at {resolution}x{resolution}; save predictions at the evaluation resolution "
+                "or pass the matching --resolution."
+            )
+
+
+def build_labels(
+    dataset: str,
+    root: str | Path | None = None,
+    resolution: int = 512,
+    split: str = "val",
+    curated: bool | None = None,
+    ids_file: str | Path | None = None,
+):
+    """The benchmark dataset whose ``load_label`` gives (resolution, resolution) int64 labels."""
+    from diffseg.data import build_dataset, read_id_list
+
+    kwargs: dict[str, Any] = {"root": root, "split": split, "label_size": resolution}
+    if dataset in ("coco_stuff27", "cocostuff27", "coco_stuff"):
+        kwargs["curated"] = True if curated is None else curated
+        if ids_file is not None:
+            kwargs["ids_file"] = ids_file
+    elif dataset in ("cityscapes", "cityscapes27"):
+        if curated is not None:
+            raise ValueError("--curated/--no-curated applies to coco_stuff27 only.")
+        if ids_file is not None:
+            kwargs["ids"] = read_id_list(ids_file)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose coco_stuff27 or cityscapes.")
+    return build_dataset(dataset, **kwargs)
+
+
+def score_predictions(
+    labels,
+    pred_dir: str | Path,
+    ignore_extra: bool = False,
+    batch_size: int = 16,
+    workers: int = 4,
+) -> tuple[HungarianMetrics, list[dict[str, Any]]]:
+    """Score ``pred_dir`` against a labelled dataset (``ids``, ``load_label``, ``num_classes``).
+
+    Returns:
+        The filled ``HungarianMetrics`` and one record per image (with its ``id``), in order.
+    """
+    ids = list(labels.ids)
+    paths = find_predictions(pred_dir, ids, ignore_extra=ignore_extra)
+    resolution = int(labels.label_size)
+    check_sizes(paths, resolution)
+    metrics = HungarianMetrics(num_classes=labels.num_classes)
+    records: list[dict[str, Any]] = []
+
+    def load(i: int) -> tuple[np.ndarray, np.ndarray]:
+        pred = read_prediction(paths[i])
+        label = labels.load_label(i).numpy()
+        if pred.shape != label.shape:  # the header check makes this a changed file
+            raise ValueError(f"prediction {paths[i]} is {pred.shape}, label is {label.shape}.")
+        return pred, label
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(ids), batch_size):
+            chunk = range(start, min(start + batch_size, len(ids)))
+            pairs = list(pool.map(load, chunk))
+            preds = np.stack([p for p, _ in pairs])
+            labs = np.stack([lab for _, lab in pairs])
+            for i, rec in zip(chunk, metrics.update(preds, labs), strict=True):
+                records.append({"id": ids[i], **rec})
+    return metrics, records
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eval.score",
+        description="Per-image Hungarian ACC / mIoU of saved segment PNGs (<id>.png).",
+    )
+    p.add_argument("--dataset", required=True, choices=["coco_stuff27", "cityscapes"])
+    p.add_argument("--predictions", required=True, type=Path, help="folder of <id>.png files")
+    p.add_argument("--root", type=Path, default=None, help="dataset folder (default: data root)")
+    p.add_argument("--resolution", type=int, default=512, help="evaluation resolution (512 or 320)")
+    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--curated",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="COCO-Stuff: the 2175 curated val images (default) or every labelled image",
+    )
+    p.add_argument("--ids-file", type=Path, default=None, help="score only these ids (one a line)")
+    p.add_argument(
+        "--ignore-extra", action="store_true", help="allow unrelated files in the folder"
+    )
+    p.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--per-image", type=Path, default=None, help="write per-image records (JSONL)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding PNGs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit status (0 ok, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.resolution <= 0 or args.batch_size <= 0:
+            raise ValueError("--resolution and --batch-size must be positive.")
+        labels = build_labels(
+            args.dataset, args.root, args.resolution, args.split, args.curated, args.ids_file
+        )
+        metrics, records = score_predictions(
+            labels,
+            args.predictions,
+            ignore_extra=args.ignore_extra,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"eval.score: error: {err}", file=sys.stderr)
+        return 2
+
+    result = metrics.compute()
+    summary = {
+        "dataset": args.dataset,
+        "split": args.split,
+        "curated": getattr(labels, "curated", None),
+        "resolution": args.resolution,
+        "predictions": str(args.predictions),
+        "protocol": PROTOCOL,
+        **result,
+        "class_names": list(labels.class_names),
+    }
+    print(
+        f"{args.dataset} @ {args.resolution}: ACC {result['acc']:.2f}  mIoU {result['miou']:.2f}"
+        f"  ({result['num_images']} images, {result['classes_counted']} of "
+        f"{result['num_classes']} classes counted)"
+    )
+    if args.output is not None:
+        _write_atomic(args.output, json.dumps(json_safe(summary), indent=2) + "\n")
+    if args.per_image is not None:
+        lines = (json.dumps(json_safe(r), allow_nan=False) for r in records)
+        _write_atomic(args.per_image, "".join(line + "\n" for line in lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`python -m eval.score` on fixture datasets written in the real on-disk layouts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fakedata
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffseg.data import CocoStuff27, Cityscapes27
+from eval.metrics import HungarianMetrics
+from eval.score import main, score_predictions
+
+RES = 24  # evaluation resolution of the fixtures: small and fast
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    ids = fakedata.write_cocostuff(root, n=3, size=(30, 40), seed=2)
+    return root, ids
+
+
+def _write_preds(out: Path, labels, wide: bool, seed: int = 0) -> Path:
+    """Predictions = the labels with their classes renamed to arbitrary ids (ignore too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, image_id in enumerate(labels.ids):
+        label = labels.load_label(i).numpy()
+        ids = rng.permutation(40000 if wide else 250)[:28]  # [0] = the ignored pixels' id
+        pred = ids[label + 1]
+        dtype = np.uint16 if wide else np.uint8
+        Image.fromarray(pred.astype(dtype)).save(out / f"{image_id}.png")
+    return out
+
+
+def _coco_args(root, preds, *extra):
+    return [
+        "--dataset",
+        "coco_stuff27",
+        "--root",
+        str(root),
+        "--predictions",
+        str(preds),
+        "--resolution",
+        str(RES),
+        "--no-curated",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_permuted_label_predictions_score_100(coco, tmp_path, capsys, wide):
+    root, ids = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    assert labels.ids == sorted(ids)
+    preds = _write_preds(tmp_path / "preds", labels, wide=wide)
+    out, per_image = tmp_path / "res" / "results.json", tmp_path / "per_image.jsonl"
+    assert main(_coco_args(root, preds, "--output", str(out), "--per-image", str(per_image))) == 0
+    assert "ACC 100.00  mIoU 100.00" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["acc"] == 100.0 and res["miou"] == 100.0 and res["num_images"] == 3
+    assert res["pixels"] == sum(int((labels.load_label(i) >= 0).sum()) for i in range(3))
+    assert res["resolution"] == RES and res["curated"] is False and len(res["class_names"]) == 27
+    assert res["classes_counted"] == sum(v is not None for v in res["iou_per_class"])
+    rows = [json.loads(line) for line in per_image.read_text().splitlines()]
+    assert [r["id"] for r in rows] == labels.ids and all(r["acc"] == 100.0 for r in rows)
+
+
+def test_scores_equal_the_metric_on_the_arrays(coco, tmp_path):
+    root, _ = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    rng = np.random.default_rng(3)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    direct = HungarianMetrics()
+    for i, image_id in enumerate(labels.ids):
+        pred = rng.integers(0, 12, size=(RES, RES)).astype(np.uint8)
+        pred[: RES // 2] = 3  # a big segment so the match is not all noise
+        Image.fromarray(pred).save(preds / f"{image_id}.png")
+        direct.update(pred, labels.load_label(i))
+    metrics, records = score_predictions(labels, preds, batch_size=2, workers=2)
+    assert metrics.state() == direct.state()
+    assert 0 < metrics.compute()["acc"] < 100
+    assert [r["id"] for r in records] == labels.ids
+
+
+def test_cityscapes(tmp_path, capsys):
+    root = tmp_path / "cs"
+    fakedata.write_cityscapes(root, n=2, size=(20, 40))
+    labels = Cityscapes27(root, label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=False, seed=1)
+    args = ["--dataset", "cityscapes", "--root", str(root), "--predictions", str(preds)]
+    assert main([*args, "--resolution", str(RES)]) == 0
+    assert "ACC 100.00  mIoU 100.00  (2 images" in capsys.readouterr().out
+    assert main([*args, "--resolution", str(RES), "--no-curated"]) == 2
+    assert "coco_stuff27 only" in capsys.readouterr().err
+
+
+def test_missing_prediction(coco, tmp_path, capsys):
+    root, ids = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=False)
+    (preds / f"{ids[1]}.png").unlink()
+    out = tmp_path / "results.json"
+    assert main(_coco_args(root, preds, "--output", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 predictions are missing" in err and ids[1] in err
+    assert not out.exists()
+
+
+def test_wrong_size_prediction(coco, tmp_path, capsys):
+    root, ids = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=False)
+    Image.fromarray(np.zeros((RES, RES + 1), np.uint8)).save(preds / f"{ids[2]}.png")
+    out = tmp_path / "results.json"
+    assert main(_coco_args(root, preds, "--output", str(out))) == 2
+    err = capsys.readouterr().err
+    assert f"{ids[2]}.png is {RES}x{RES + 1}" in err and f"{RES}x{RES}" in err
+    assert not out.exists()
+
+
+def test_extra_file_and_ignore_extra(coco, tmp_path, capsys):
+    root, _ = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=False)
+    (preds / "notes.txt").write_text("hello")
+    (preds / ".hidden").write_text("never counted")
+    assert main(_coco_args(root, preds)) == 2
+    err = capsys.readouterr().err
+    assert "1 entries" in err and "notes.txt" in err and "--ignore-extra" in err
+    assert main(_coco_args(root, preds, "--ignore-extra")) == 0
+
+
+def test_colour_prediction_is_refused(coco, tmp_path, capsys):
+    root, ids = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=False)
+    Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(preds / f"{ids[0]}.png")
+    assert main(_coco_args(root, preds)) == 2
+    assert "RGB image" in capsys.readouterr().err
+
+
+def test_ids_file_and_module_entry_point(coco, tmp_path):
+    root, ids = coco
+    labels = CocoStuff27(root, ids=ids[:2], label_size=RES)
+    preds = _write_preds(tmp_path / "preds", labels, wide=True)
+    ids_file = fakedata.write_id_list(tmp_path / "ids.txt", ids[:2])
+    cmd = [sys.executable, "-m", "eval.score", *_coco_args(root, preds, "--ids-file", ids_file)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "ACC 100.00  mIoU 100.00  (2 images" in done.stdout
