@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffseg.data import CocoStuff27, Cityscapes27
+from diffseg.data import Cityscapes27, CocoStuff27
 from eval.metrics import HungarianMetrics
 from eval.score import main, score_predictions
 
