@@ -124,6 +124,11 @@ class CocoStuff27(LabelledDataset):
         if ids is not None and ids_file is not None:
             raise ValueError("pass ids= or ids_file=, not both")
         uses_curated_list = curated and ids is None and ids_file is None
+        if uses_curated_list and folder != "val2017":
+            raise ValueError(
+                f"the curated COCO-Stuff-27 list covers val2017 only; for split {split!r} use "
+                "curated=False or give ids=/ids_file="
+            )
 
         image_dir, label_dir = root / "images" / folder, root / "annotations" / folder
         if not (image_dir.is_dir() and label_dir.is_dir()):
@@ -134,14 +139,9 @@ class CocoStuff27(LabelledDataset):
 
         if ids_file is not None:
             ids = read_id_list(ids_file)
-        if ids is None and curated:
-            if folder != "val2017":
-                raise ValueError(
-                    f"the curated COCO-Stuff-27 list covers val2017 only; for split {split!r} "
-                    "use curated=False or give ids=/ids_file="
-                )
+        elif uses_curated_list:
             ids = read_id_list(metadata_file(CURATED_VAL_FILE))
-        if ids is None:
+        elif ids is None:
             ids = self._scan(image_dir, label_dir)
         ids = [str(i) for i in ids]
         if not ids:
