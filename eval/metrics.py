@@ -99,8 +99,11 @@ def _batch_confusion(
             "(there is no ignore value for predictions)."
         )
     ignored = flat_label == ignore_index
-    bad = ~ignored & ((flat_label < 0) | (flat_label >= num_classes))
-    if bool(bad.any()):
+    lo, hi = (int(v) for v in torch.aminmax(flat_label))
+    # Fast path: the range alone proves every value valid (the usual ignore_index=-1 case).
+    in_range = hi < num_classes and (lo >= 0 or (ignore_index == -1 and lo >= -1))
+    bad = None if in_range else ~ignored & ((flat_label < 0) | (flat_label >= num_classes))
+    if bad is not None and bool(bad.any()):
         image, pos = (int(v) for v in bad.nonzero()[0])
         raise ValueError(
             f"label holds class {int(flat_label[image, pos])} (image {image} of the batch); "
