@@ -374,6 +374,10 @@ def test_cityscapes_mapping_of_every_value(tmp_path):
 
 
 def test_cityscapes_errors(city, tmp_path):
+    subset = fakedata.write_id_list(tmp_path / "ids.txt", city[1][2:0:-1])
+    assert Cityscapes27(city[0], ids_file=subset).ids == [city[1][2], city[1][1]]
+    with pytest.raises(FileNotFoundError, match="1 requested Cityscapes ids have no image"):
+        Cityscapes27(city[0], ids=["nowhere_000000_000000"])
     with pytest.raises(
         FileNotFoundError, match=r"(?s)leftImg8bit/val/<city>/.*prepare_cityscapes\.py --root"
     ):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffseg.data.base import IGNORE_INDEX, LabelledDataset, make_lut
+from diffseg.data.cocostuff import read_id_list
 from diffseg.data.paths import default_data_root
 
 #: The 27 classes, labelIds 7..33 in order.
@@ -65,7 +66,8 @@ class Cityscapes27(LabelledDataset):
         root: the dataset folder; None means ``default_data_root() / "cityscapes"``.
         split: "val" (500 images), "train" or "test" (test labels are all unlabelled).
         image_size: model input side (512). label_size: evaluation resolution (320 or 512).
-        ids: optional subset of ids (``<city>_<seq>_<frame>``) in the wanted order.
+        ids: optional subset of ids (``<city>_<seq>_<frame>``) in the wanted order;
+            ``ids_file``: the same read from a text file, one id per line.
 
     Ids are sorted by city, then file name. Raises FileNotFoundError for a missing root, an
     empty split or a missing label file (naming it).
@@ -81,6 +83,7 @@ class Cityscapes27(LabelledDataset):
         image_size: int = 512,
         label_size: int = 512,
         ids: Sequence[str] | None = None,
+        ids_file: str | Path | None = None,
     ) -> None:
         root = Path(root).expanduser() if root is not None else default_data_root() / "cityscapes"
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
@@ -101,6 +104,10 @@ class Cityscapes27(LabelledDataset):
                 f"no *{IMAGE_SUFFIX} images in {image_dir}/<city>/.\n"
                 + cityscapes_layout_help(root, split)
             )
+        if ids is not None and ids_file is not None:
+            raise ValueError("pass ids= or ids_file=, not both")
+        if ids_file is not None:
+            ids = read_id_list(ids_file)
         if ids is None:
             ids = list(found)
         unknown = [i for i in ids if i not in found]
