@@ -58,7 +58,9 @@ def coco_layout_help(root: Path, folder: str = "val2017") -> str:
         f"  {root}/images/{folder}/<id>.jpg\n"
         f"  {root}/annotations/{folder}/<id>.png   (official stuffthingmaps: category id - 1, "
         "255 = unlabelled)\n"
-        f"Prepare it with: {PREPARE_COMMAND.format(root=root)}  (see datasets/README.md), or "
+        f"Prepare it with: {PREPARE_COMMAND.format(root=root)}"
+        + ("" if folder == "val2017" else f" --split {folder[:-4]} --all")
+        + "  (see datasets/README.md), or "
         "point root= or the DIFFSEG_DATA environment variable at an existing copy."
     )
 
@@ -174,7 +176,7 @@ class CocoStuff27(LabelledDataset):
             image_size=image_size,
             label_size=label_size,
             root=root,
-            split=folder,
+            split=folder.removesuffix("2017"),
         )
         #: True when the ids are the shipped curated benchmark list.
         self.curated = uses_curated_list
