@@ -190,7 +190,8 @@ def kmeans(
     n_iter = 0
     converged = False
     labels = torch.empty(0)
-    for n_iter in range(1, max_iter + 1):
+    for it in range(max_iter):
+        n_iter = it + 1
         labels = _assign(x, centers)
         new_centers = _update(x, labels, centers)
         shift = float(((new_centers - centers) ** 2).sum())
