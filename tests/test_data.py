@@ -167,6 +167,36 @@ def test_resize_image_is_half_pixel_bilinear_without_antialias(shape, size):
         assert np.abs(pil.astype(np.float64) - ref).max() > 5
 
 
+# Outputs of tf.image.resize (TensorFlow 2.21, the release's function) on a small input, recorded
+# once so that the comparison stays in the suite without TensorFlow.
+TF_INPUT = ((np.arange(36) * 37) % 256).astype(np.uint8).reshape(6, 6, 1)
+TF_BILINEAR_4 = [
+    [48.75, 56.25, 111.75, 167.25],
+    [189.75, 53.25, 60.75, 116.25],
+    [154.75, 210.25, 57.75, 65.25],
+    [103.75, 159.25, 198.75, 62.25],
+]
+TF_BILINEAR_9_ROWS_0_2_8 = [
+    [0.0, 18.5, 43.16667, 67.83334, 92.5, 117.16667, 141.83334, 166.5, 185.0],
+    [216.33333, 128.16667, 39.05557, 35.27778, 52.833332, 77.5, 102.16667, 126.83333, 145.33333],
+    [86.0, 104.5, 129.16667, 153.83334, 178.5, 203.16667, 227.83334, 124.5, 15.0],
+]
+TF_NEAREST = {
+    (7, 5): [0, 2, 3, 4, 6],
+    (5, 7): [0, 1, 1, 2, 3, 3, 4],
+    (10, 4): [1, 3, 6, 8],
+    (427, 13): [16, 49, 82, 114, 147, 180, 213, 246, 279, 312, 344, 377, 410],
+}
+
+
+def test_resize_matches_recorded_tensorflow_outputs():
+    np.testing.assert_allclose(resize_image(TF_INPUT, 4)[0].numpy(), TF_BILINEAR_4, atol=1e-4)
+    up = resize_image(TF_INPUT, 9)[0].numpy()
+    np.testing.assert_allclose(up[[0, 2, 8]], TF_BILINEAR_9_ROWS_0_2_8, atol=1e-4)
+    for (c, size), expected in TF_NEAREST.items():
+        np.testing.assert_array_equal(nearest_indices(c, size), expected)
+
+
 def test_model_range_round_trip():
     x = torch.tensor([0.0, 127.5, 255.0])
     np.testing.assert_allclose(to_model_range(x).numpy(), [-1.0, 0.0, 1.0])

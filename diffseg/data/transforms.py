@@ -11,7 +11,8 @@ align_corners=False, antialias=False)`` on the float image, which computes the s
 as ``tf.image.resize`` and, like it, does not round back to uint8 (``cv2.INTER_LINEAR`` on
 uint8 agrees to within one grey level but rounds, and uses 11-bit fixed-point weights).
 The label resize uses explicit integer index arithmetic: ``cv2.INTER_NEAREST_EXACT`` does
-not give the formula's indices for every size.
+not give the formula's indices for every size. Both were checked against TensorFlow 2.21:
+bilinear within 5e-4, nearest indices identical.
 """
 
 from __future__ import annotations
