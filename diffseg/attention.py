@@ -1,0 +1,287 @@
+"""Capture of Stable Diffusion's self-attention probabilities through a diffusers processor.
+
+DiffSeg (SPEC.md section 3) needs, for every self-attention layer (``attn1`` of each transformer
+block of the UNet), the probabilities ``softmax(Q K^T * scale)`` of shape ``(heads, N, N)``,
+averaged over the layers of one token resolution and then over heads.
+
+The capture is a diffusers attention processor, installed with ``unet.set_attn_processor`` on the
+self-attention layers only (cross-attention keeps its processor), never a patched ``forward``.
+It computes the layer's output exactly as diffusers' default processors do (projections, heads,
+group/spatial norm, residual, rescale, ``to_out``) and, on the side, adds the head-mean of the
+probabilities to a float32 running sum per resolution. Queries are processed in chunks, so the
+largest temporary is ``(B, heads, chunk, N)`` and never a whole layer's ``(B, heads, N, N)``.
+
+Typical use::
+
+    store = AttentionStore()
+    with capture_self_attention(unet, store):
+        unet(latent, t, encoder_hidden_states=emb)
+    maps = store.maps()   # {64: (B, 4096, 4096), 32: ..., 16: ..., 8: ...} float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AttentionStore",
+    "SelfAttentionCaptureProcessor",
+    "capture_self_attention",
+    "self_attention_layers",
+    "default_chunk_elements",
+]
+
+# Largest (B * heads * chunk * N) block of attention scores held at once. On CPU a small block that
+# stays in cache is fastest (2**20 float32 = 4 MiB: 32 queries at 4096 tokens x 8 heads; see
+# benchmarks/README.md); on GPUs fewer, larger blocks are (2**26 = 256 MiB). The full layer would
+# be 2**27 (512 MiB per image at 4096 tokens x 8 heads).
+CPU_CHUNK_ELEMENTS = 2**20
+GPU_CHUNK_ELEMENTS = 2**26
+
+
+def default_chunk_elements(device: torch.device | str) -> int:
+    """Default bound on the scores held at once for ``device`` (elements, not bytes)."""
+    return CPU_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
+class AttentionStore:
+    """Float32 running sums of head-averaged self-attention probabilities, per token resolution.
+
+    Keys are the side ``r`` of the square token grid (a layer with ``N`` tokens has ``r = sqrt(N)``).
+    For every layer the processor adds ``mean_heads(softmax(Q K^T * scale))`` of shape
+    ``(B, N, N)`` to ``sums[r]`` and records the layer's name; :meth:`maps` divides by the number
+    of layers. With equal head counts per layer (SD v1: 8) this is exactly SPEC.md's "mean over the
+    resolution's layers, then over heads".
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, Tensor] = {}
+        self._layers: dict[int, list[str]] = {}
+
+    def reset(self) -> None:
+        """Forget everything accumulated (call before every UNet pass)."""
+        self._sums = {}
+        self._layers = {}
+
+    def accumulator(self, res: int, batch: int, device: torch.device) -> Tensor:
+        """The running sum for resolution ``res``: float32 ``(batch, res*res, res*res)``, created
+        as zeros on first use. Raises ``RuntimeError`` if a layer arrives with another batch size."""
+        n = res * res
+        acc = self._sums.get(res)
+        if acc is None:
+            acc = torch.zeros(batch, n, n, dtype=torch.float32, device=device)
+            self._sums[res] = acc
+        elif acc.shape[0] != batch:
+            raise RuntimeError(
+                f"AttentionStore got batch {batch} at resolution {res} after batch {acc.shape[0]}; "
+                "call store.reset() between UNet passes."
+            )
+        return acc
+
+    def add_layer(self, res: int, name: str) -> None:
+        """Record that layer ``name`` contributed to resolution ``res``."""
+        self._layers.setdefault(res, []).append(name)
+
+    @property
+    def layer_inventory(self) -> dict[int, list[str]]:
+        """Names of the layers captured per resolution, highest resolution first."""
+        return {r: list(self._layers[r]) for r in sorted(self._layers, reverse=True)}
+
+    def maps(self) -> dict[int, Tensor]:
+        """Mean over layers of the head-averaged maps: ``{r: (B, r*r, r*r)}`` float32, highest
+        resolution first; every row (query) is a distribution over keys that sums to 1."""
+        return {r: self._sums[r] / len(self._layers[r]) for r in sorted(self._layers, reverse=True)}
+
+
+class SelfAttentionCaptureProcessor:
+    """A diffusers attention processor for one self-attention layer that also records its maps.
+
+    The output is the one diffusers' ``AttnProcessor``/``AttnProcessor2_0`` computes. The maps are
+    ``softmax(Q K^T * attn.scale)`` computed in float32 (whatever the model's dtype), averaged over
+    heads and added to ``store``. Calls with ``encoder_hidden_states`` (cross-attention) go to
+    ``fallback`` untouched.
+
+    Args:
+        store: where the maps are accumulated.
+        name: the layer's processor name (e.g. ``down_blocks.0.attentions.0.transformer_blocks.0
+            .attn1.processor``), recorded in the store's inventory.
+        fallback: the processor this one replaces, used for anything that is not self-attention.
+        chunk_elements: bound on ``B * heads * chunk * N``, the scores held at once; ``None``:
+            :func:`default_chunk_elements` of the layer's device.
+        output: ``"probs"`` computes the output from the same float32 probabilities as the maps
+            (one QK^T and one softmax per layer, like diffusers' ``AttnProcessor``); ``"sdpa"``
+            computes the output with ``F.scaled_dot_product_attention`` exactly as
+            ``AttnProcessor2_0`` and the maps separately (QK^T and softmax twice). See
+            benchmarks/README.md for which is faster.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        fallback=None,
+        chunk_elements: int | None = None,
+        output: str = "probs",
+    ) -> None:
+        if output not in ("probs", "sdpa"):
+            raise ValueError(f"output must be 'probs' or 'sdpa', got {output!r}")
+        if chunk_elements is not None and chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.store = store
+        self.name = name
+        self.fallback = fallback
+        self.chunk_elements = chunk_elements
+        self.output = output
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        if encoder_hidden_states is not None:
+            # Not self-attention (e.g. only_cross_attention blocks): leave it to the default.
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, n_tokens, _ = hidden_states.shape
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        # (B, N, heads*d) -> (B, heads, N, d)
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, n_tokens, batch)
+            mask = mask.view(batch, heads, -1, mask.shape[-1])
+
+        res = math.isqrt(n_tokens)
+        if res * res != n_tokens:
+            raise RuntimeError(
+                f"self-attention layer {self.name} has {n_tokens} tokens, not a square grid; "
+                "DiffSeg needs square images (H == W)."
+            )
+        acc = self.store.accumulator(res, batch, query.device)
+
+        scale = attn.scale
+        # Scores in float32 whatever the model dtype; the scale is folded into the queries.
+        q32, k32t = query.float() * scale, key.float().transpose(-1, -2)
+        if self.output == "probs":
+            out = torch.empty_like(query)
+        budget = self.chunk_elements or default_chunk_elements(query.device)
+        step = max(1, budget // (batch * heads * n_tokens))
+        for start in range(0, n_tokens, step):
+            stop = min(start + step, n_tokens)
+            scores = torch.matmul(q32[:, :, start:stop], k32t)  # (B, h, c, N)
+            if mask is not None:
+                m = mask if mask.shape[2] == 1 else mask[:, :, start:stop]
+                scores = scores + m.float()
+            probs = scores.softmax(dim=-1)
+            del scores
+            acc[:, start:stop].add_(probs.sum(dim=1), alpha=1.0 / heads)  # head mean
+            if self.output == "probs":
+                out[:, :, start:stop] = torch.matmul(probs.to(value.dtype), value)
+            del probs
+        self.store.add_layer(res, self.name)
+
+        if self.output == "sdpa":
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale
+            )
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout (identity in eval)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def self_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's self-attention modules, keyed by processor name.
+
+    A layer counts as self-attention when its module name ends in ``attn1`` (the first attention
+    of a diffusers ``BasicTransformerBlock``) and it attends to its own tokens
+    (``is_cross_attention`` is False). Returns ``{"<module name>.processor": module}`` in module
+    order (down blocks, mid block, up blocks).
+    """
+    layers = {}
+    for name, module in unet.named_modules():
+        if (
+            name.split(".")[-1] == "attn1"
+            and hasattr(module, "set_processor")
+            and not getattr(module, "is_cross_attention", False)
+        ):
+            layers[f"{name}.processor"] = module
+    return layers
+
+
+@contextlib.contextmanager
+def capture_self_attention(
+    unet: torch.nn.Module,
+    store: AttentionStore,
+    chunk_elements: int | None = None,
+    output: str = "probs",
+) -> Iterator[AttentionStore]:
+    """Install :class:`SelfAttentionCaptureProcessor` on every self-attention layer of ``unet``
+    for the duration of the ``with`` block, then restore the previous processors.
+
+    ``store`` is reset on entry. Cross-attention (``attn2``) and any other attention keep their
+    processors. Raises ``ValueError`` if the UNet has no self-attention layer.
+    """
+    previous = dict(unet.attn_processors)
+    layers = self_attention_layers(unet)
+    if not layers:
+        raise ValueError(
+            f"{type(unet).__name__} has no self-attention ('attn1') layers to capture; "
+            "expected a diffusers UNet2DConditionModel."
+        )
+    missing = [name for name in layers if name not in previous]
+    if missing:
+        raise RuntimeError(f"attention layers without a processor entry: {missing[:3]}")
+    processors = dict(previous)
+    for name in layers:
+        processors[name] = SelfAttentionCaptureProcessor(
+            store, name, fallback=previous[name], chunk_elements=chunk_elements, output=output
+        )
+    store.reset()
+    unet.set_attn_processor(processors)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(dict(previous))
