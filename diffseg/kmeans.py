@@ -117,8 +117,9 @@ def kmeans_plusplus(
     trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
 
     def dist_to(idx: Tensor) -> Tensor:
-        # Exact differences (not the |x|^2 - 2x.c + |c|^2 form) so duplicates are at distance 0.
-        return torch.stack([((x - x[i]) ** 2).sum(1) for i in idx.tolist()])
+        # Differences, not the |x|^2 - 2x.c + |c|^2 form, so duplicates are exactly at distance 0.
+        d = torch.cdist(x[idx.to(x.device)], x, compute_mode="donot_use_mm_for_euclid_dist")
+        return d * d
 
     first = torch.randint(n, (1,), generator=generator)
     chosen = [int(first)]

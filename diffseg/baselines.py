@@ -1,0 +1,162 @@
+"""K-Means baselines of the paper (SPEC section 8): K-Means-C and K-Means-S.
+
+Both cluster the same aggregated attention as DiffSeg (the 4096 maps of 64x64, as 4096-d vectors,
+Euclidean K-Means) and turn the cluster means into labels with DiffSeg's NMS (bilinear upsampling
++ argmax). K-Means-C uses a constant number of clusters (6); K-Means-S uses, per image, the number
+of distinct ground-truth classes, passed to :meth:`KMeansSegmentor.segment` as ``num_clusters``.
+
+Initialisation is seeded k-means++ with the same seed for every image, so an image's result does
+not depend on the batch it came in. With fewer distinct maps than clusters (e.g. uniform
+attention), k-means++ stops at the number of distinct maps: fewer segments, no error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kmeans import kmeans
+from .segmentor import WeightsArg, aggregate_attention, proposals_to_labels, validate_maps
+
+__all__ = ["KMeansSegmentor", "kmeans_c", "kmeans_s"]
+
+
+class KMeansSegmentor:
+    """K-Means over aggregated self-attention maps.
+
+    Args:
+        num_clusters: clusters per image (K-Means-C: 6); None for K-Means-S, where ``segment``
+            needs ``num_clusters`` per image.
+        seed: k-means++ seed (deterministic results for a given seed).
+        weights, resolutions, map_size: aggregation settings, as :class:`diffseg.DiffSeg`.
+        max_iter, tol: Lloyd settings (scikit-learn's defaults).
+    """
+
+    def __init__(
+        self,
+        num_clusters: int | None = 6,
+        seed: int = 0,
+        weights: WeightsArg = "proportional",
+        resolutions: Sequence[int] | None = None,
+        map_size: int = 64,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+    ) -> None:
+        if num_clusters is not None and int(num_clusters) < 1:
+            raise ValueError(f"num_clusters must be >= 1 or None (K-Means-S), got {num_clusters}")
+        self.num_clusters = None if num_clusters is None else int(num_clusters)
+        self.seed = int(seed)
+        self.weights = weights
+        self.resolutions = None if resolutions is None else [int(r) for r in resolutions]
+        self.map_size = int(map_size)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+
+    @property
+    def needs_num_classes(self) -> bool:
+        """True for K-Means-S: ``segment`` needs the number of ground-truth classes per image."""
+        return self.num_clusters is None
+
+    @property
+    def name(self) -> str:
+        return "kmeans_s" if self.num_clusters is None else "kmeans_c"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings."""
+        weights = self.weights
+        if isinstance(weights, Mapping):
+            weights = {str(k): float(v) for k, v in weights.items()}
+        elif not isinstance(weights, str):
+            weights = [float(v) for v in weights]
+        return {
+            "name": self.name,
+            "num_clusters": self.num_clusters,
+            "seed": self.seed,
+            "weights": weights,
+            "resolutions": self.resolutions,
+            "map_size": self.map_size,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"KMeansSegmentor({args})"
+
+    def _counts(self, batch: int, num_clusters: int | Sequence[int] | Tensor | None) -> list[int]:
+        if self.num_clusters is not None:
+            return [self.num_clusters] * batch  # K-Means-C: a given per-image count is ignored
+        if num_clusters is None:
+            raise ValueError(
+                "K-Means-S (num_clusters=None) needs segment(..., num_clusters=[k_1, ..., k_B]): "
+                "the number of ground-truth classes in each image"
+            )
+        if isinstance(num_clusters, Tensor):
+            num_clusters = num_clusters.flatten().tolist()
+        counts = (
+            [int(num_clusters)] * batch
+            if isinstance(num_clusters, int)
+            else [int(k) for k in num_clusters]
+        )
+        if len(counts) != batch:
+            raise ValueError(
+                f"num_clusters has {len(counts)} entries for a batch of {batch} images"
+            )
+        if any(k < 0 for k in counts):
+            raise ValueError(f"num_clusters must be >= 0, got {counts}")
+        # An image without labelled pixels has 0 classes; it still gets one segment.
+        return [max(k, 1) for k in counts]
+
+    def propose(
+        self, maps: Mapping[int, Tensor], num_clusters: int | Sequence[int] | Tensor | None = None
+    ) -> list[Tensor]:
+        """Cluster means per image: a list of ``(K_b, n, n)`` float32 tensors, ``K_b <= k_b``."""
+        batch, _ = validate_maps(maps, self.resolutions, self.map_size)
+        counts = self._counts(batch, num_clusters)
+        n = self.map_size
+        out = []
+        for b in range(batch):
+            one = {r: m[b : b + 1] for r, m in maps.items()}
+            flat = aggregate_attention(one, self.weights, self.resolutions, n).reshape(n * n, n * n)
+            res = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
+            k = res.centers.shape[0]
+            sums = torch.zeros_like(res.centers).index_add_(0, res.labels, flat)
+            sizes = torch.bincount(res.labels, minlength=k)
+            keep = sizes > 0
+            out.append((sums[keep] / sizes[keep].unsqueeze(1).to(flat.dtype)).reshape(-1, n, n))
+        return out
+
+    def segment(
+        self,
+        maps: Mapping[int, Tensor],
+        output_size: int = 512,
+        num_clusters: int | Sequence[int] | Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Segment a batch.
+
+        Args:
+            maps: ``{r: (B, r*r, r*r)}`` attention probabilities.
+            output_size: side ``S`` of the label maps.
+            num_clusters: K-Means-S only: clusters per image (an int or ``B`` ints); 0 gives one
+                segment. Ignored by K-Means-C.
+            **kwargs: ignored, so callers can swap methods.
+
+        Returns:
+            int64 ``(B, S, S)`` segment ids on the device of ``maps``.
+        """
+        props = self.propose(maps, num_clusters)
+        return torch.stack([proposals_to_labels(p, output_size) for p in props])
+
+
+def kmeans_c(num_clusters: int = 6, **kwargs: Any) -> KMeansSegmentor:
+    """K-Means-C: a constant number of clusters (6 in the paper)."""
+    return KMeansSegmentor(num_clusters=num_clusters, **kwargs)
+
+
+def kmeans_s(**kwargs: Any) -> KMeansSegmentor:
+    """K-Means-S: as many clusters as ground-truth classes in each image (given to ``segment``)."""
+    return KMeansSegmentor(num_clusters=None, **kwargs)
