@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from .kmeans import kmeans
-from .segmentor import WeightsArg, aggregate_attention, proposals_to_labels, validate_maps
+from .segmentor import (
+    WeightsArg,
+    _aggregate,
+    proposals_to_labels,
+    resolution_weights,
+    validate_maps,
+)
 
 __all__ = ["KMeansSegmentor", "kmeans_c", "kmeans_s"]
 
@@ -114,13 +120,14 @@ class KMeansSegmentor:
         self, maps: Mapping[int, Tensor], num_clusters: int | Sequence[int] | Tensor | None = None
     ) -> list[Tensor]:
         """Cluster means per image: a list of ``(K_b, n, n)`` float32 tensors, ``K_b <= k_b``."""
-        batch, _ = validate_maps(maps, self.resolutions, self.map_size)
+        batch, res = validate_maps(maps, self.resolutions, self.map_size)
+        w = resolution_weights(res, self.weights)
         counts = self._counts(batch, num_clusters)
         n = self.map_size
         out = []
         for b in range(batch):
-            one = {r: m[b : b + 1] for r, m in maps.items()}
-            flat = aggregate_attention(one, self.weights, self.resolutions, n).reshape(n * n, n * n)
+            one = {r: maps[r][b : b + 1] for r in res}
+            flat = _aggregate(one, 1, w, n).reshape(n * n, n * n)
             res = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
             k = res.centers.shape[0]
             sums = torch.zeros_like(res.centers).index_add_(0, res.labels, flat)

@@ -211,15 +211,18 @@ def aggregate_attention(
         ``q = y * out_res + x`` is the key map of query ``(y, x)``; each map sums to 1.
     """
     batch, res = validate_maps(maps, resolutions, out_res)
-    w = resolution_weights(res, weights)
+    return _aggregate(maps, batch, resolution_weights(res, weights), out_res)
+
+
+def _aggregate(maps: Mapping[int, Tensor], batch: int, w: dict[int, float], out_res: int) -> Tensor:
+    """:func:`aggregate_attention` on validated maps, with normalised weights ``{r: w_r}``."""
+    res = list(w)
     n = out_res * out_res
-    out: Tensor | None = None
-    for r in res:
-        if w[r] == 0:
-            continue
-        s = out_res // r
+
+    def scaled_keys(r: int) -> tuple[Tensor, Tensor]:
+        """Upsampled keys (B, r, r, n) of resolution r and their factor w_r / sum (B, r, r, 1)."""
         keys = maps[r].reshape(batch * r * r, 1, r, r).float()
-        if s > 1:
+        if r != out_res:
             keys = F.interpolate(
                 keys, size=(out_res, out_res), mode="bilinear", align_corners=False
             )
@@ -231,15 +234,49 @@ def aggregate_attention(
                 f"maps[{r}] has a key map with zero total attention (image {b}, query row "
                 f"{qy * r + qx}); every row must be a probability distribution"
             )
-        keys = keys * (w[r] / sums)
-        if out is None and s == 1:
-            out = keys.reshape(batch, n, n)
-            continue
-        if out is None:
-            out = torch.zeros(batch, n, n, device=keys.device, dtype=torch.float32)
-        # Nearest tiling of the query axes by broadcasting: no tiled copy is materialised.
-        out.view(batch, r, s, r, s, n).add_(keys.view(batch, r, 1, r, 1, n))
-    assert out is not None
+        return keys, w[r] / sums
+
+    # The coarse resolutions are summed on the coarsest query grid that holds them, from coarse
+    # to fine (tiling nests: query y of grid r_big takes y // (r_big // r_small) of r_small), so
+    # the full (n, n) tensor is written once, by the final fused multiply-add. Memory: the output
+    # plus the upsampled keys of one coarse resolution (a quarter of the output at 32).
+    acc: Tensor | None = None  # (B, g, g, n) on query grid g
+    g = 0
+    for r in sorted(r for r in res if w[r] > 0 and r != out_res):
+        keys, scale = scaled_keys(r)
+        keys.mul_(scale)  # keys is a fresh tensor (interpolate's output)
+        if acc is None:
+            acc, g = keys, r
+        elif r % g == 0:
+            t = r // g
+            keys.view(batch, g, t, g, t, n).add_(acc.view(batch, g, 1, g, 1, n))
+            acc, g = keys, r
+        else:  # grids that do not nest: tile what we have to the output grid
+            t = out_res // g
+            acc = (
+                acc.view(batch, g, 1, g, 1, n)
+                .expand(batch, g, t, g, t, n)
+                .reshape(batch, out_res, out_res, n)
+            )
+            g = out_res
+            t = out_res // r
+            acc.view(batch, r, t, r, t, n).add_(keys.view(batch, r, 1, r, 1, n))
+    if w.get(out_res, 0) > 0:
+        keys, scale = scaled_keys(out_res)
+        if acc is None:
+            out = keys * scale
+        else:
+            t = out_res // g
+            shape = (batch, g, t, g, t, n)
+            out = torch.addcmul(
+                acc.view(batch, g, 1, g, 1, n),
+                keys.view(shape),
+                scale.view(batch, g, t, g, t, 1),
+            )
+    else:
+        assert acc is not None
+        t = out_res // g
+        out = acc.view(batch, g, 1, g, 1, n).expand(batch, g, t, g, t, n).contiguous()
     return out.view(batch, n, out_res, out_res)
 
 
@@ -706,11 +743,12 @@ class DiffSeg:
 
     def propose(self, maps: Mapping[int, Tensor]) -> list[Tensor]:
         """Aggregate + merge, image by image: one ``(K_b, n, n)`` proposal tensor per image."""
-        batch, _ = validate_maps(maps, self.resolutions, self.map_size)
+        batch, res = validate_maps(maps, self.resolutions, self.map_size)
+        w = resolution_weights(res, self.weights)
         out = []
         for b in range(batch):
-            one = {r: m[b : b + 1] for r, m in maps.items()}
-            out.extend(self.merge(self.aggregate(one)))
+            one = {r: maps[r][b : b + 1] for r in res}
+            out.extend(self.merge(_aggregate(one, 1, w, self.map_size)))
         return out
 
     def segment(self, maps: Mapping[int, Tensor], output_size: int = 512, **kwargs: Any) -> Tensor:

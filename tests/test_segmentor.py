@@ -101,15 +101,17 @@ def test_aggregate_hand_worked_2_to_4():
             torch.testing.assert_close(out[0, y * 4 + x], expected)
 
 
-def _aggregate_queries(maps, weights, queries):
-    """Independent aggregation of a few query positions ``(y, x)`` of the 64 grid, one by one."""
+def _aggregate_queries(maps, weights, queries, out_res=64):
+    """Independent aggregation of a few query positions ``(y, x)``, one by one."""
     rows = []
     for y, x in queries:
-        total = torch.zeros(64, 64, dtype=torch.float64)
+        total = torch.zeros(out_res, out_res, dtype=torch.float64)
         for r, w in weights.items():
-            s = 64 // r
+            s = out_res // r
             key = maps[r][0, (y // s) * r + x // s].reshape(1, 1, r, r).double()
-            up = F.interpolate(key, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+            up = F.interpolate(key, size=(out_res, out_res), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
             total += w * up / up.sum()
         rows.append(total)
     return torch.stack(rows)
@@ -141,6 +143,19 @@ def test_aggregate_single_resolution_tiling():
         only8[0, [9 * 64 + 17, 15 * 64 + 23]].double(), ref, atol=1e-9, rtol=1e-5
     )
     torch.testing.assert_close(only8[0, 9 * 64 + 17], only8[0, 15 * 64 + 23], atol=0, rtol=0)
+
+
+def test_aggregate_grids_that_do_not_nest():
+    # 12x12 output from 12, 6 and 4: the 4 grid does not tile into the 6 grid.
+    labels = sa.block_labels(3, 2, 12)
+    maps = sa.make_maps(labels, 3.0, noise=0.5, seed=4, resolutions=(12, 6, 4))
+    out = aggregate_attention(maps, out_res=12)
+    queries = [(y, x) for y in range(12) for x in range(12)]
+    ref = _aggregate_queries(maps, {12: 12 / 22, 6: 6 / 22, 4: 4 / 22}, queries, out_res=12)
+    torch.testing.assert_close(out[0].double(), ref, atol=1e-9, rtol=1e-5)
+    ref = _aggregate_queries(maps, {6: 0.6, 4: 0.4}, queries, out_res=12)
+    got = aggregate_attention(maps, resolutions=[6, 4], out_res=12)
+    torch.testing.assert_close(got[0].double(), ref, atol=1e-9, rtol=1e-5)
 
 
 def test_aggregate_weights_are_linear_and_renormalised():
