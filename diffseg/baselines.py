@@ -128,10 +128,10 @@ class KMeansSegmentor:
         for b in range(batch):
             one = {r: maps[r][b : b + 1] for r in res}
             flat = _aggregate(one, 1, w, n).reshape(n * n, n * n)
-            res = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
-            k = res.centers.shape[0]
-            sums = torch.zeros_like(res.centers).index_add_(0, res.labels, flat)
-            sizes = torch.bincount(res.labels, minlength=k)
+            km = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
+            k = km.centers.shape[0]
+            sums = torch.zeros_like(km.centers).index_add_(0, km.labels, flat)
+            sizes = torch.bincount(km.labels, minlength=k)
             keep = sizes > 0
             out.append((sums[keep] / sizes[keep].unsqueeze(1).to(flat.dtype)).reshape(-1, n, n))
         return out
