@@ -613,6 +613,7 @@ def run(
     cfg: DictConfig,
     run_dir: str | os.PathLike,
     on_batch: Callable[[int], None] | None = None,
+    backbone: Any = None,
 ) -> dict[str, Any]:
     """Evaluate the configured method(s) on the configured dataset, writing into ``run_dir``.
 
@@ -622,6 +623,8 @@ def run(
             config is resumed.
         on_batch: called with the number of images finished in this call after each batch
             (after its rows are durable); tests use it to interrupt a run.
+        backbone: an already loaded backbone to use instead of building ``cfg.backbone``
+            (to reuse one model across runs in Python); it must be the configured one.
 
     Returns:
         ``{"run_dir", "random_weights", "results": {setting name or "": results dict}}``.
@@ -699,10 +702,10 @@ def run(
     OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
 
     # --- backbone ----------------------------------------------------------------------------
-    backbone = None
     random_weights = bool(cfg.backbone.get("random_config"))
-    if todo:
+    if todo and backbone is None:
         backbone = build_backbone_from_config(_plain(cfg.backbone), device, dtype, knobs["seed"])
+    if backbone is not None:
         random_weights = bool(getattr(backbone, "is_random", random_weights))
     if random_weights:
         _loud_warning()
@@ -843,6 +846,8 @@ def run(
         v = st.variant
         res: dict[str, Any] = dict(common)
         res["method"] = v.describe()
+        if hasattr(v.segmentor, "describe"):
+            res["segmentor"] = v.segmentor.describe()
         res["setting"] = v.name
         res["sweep_overrides"] = v.overrides or None
         if labelled:
@@ -1038,10 +1043,9 @@ def print_summary(
     )
     lines.append(f"outputs   {run_dir}")
     lines.append(rule)
-    text = "\n".join(lines)
-    print(text, flush=True)
-    for line in lines:
-        log.info(line)
+    text = "\n".join(lines) + "\n"
+    print(text, end="", flush=True)
+    (run_dir / "summary.txt").write_text(text, encoding="utf-8")
 
 
 def _pct(x: Any) -> str:

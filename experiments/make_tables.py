@@ -1,0 +1,300 @@
+"""Turn run dirs into Markdown and LaTeX tables, next to the paper's numbers.
+
+    python experiments/make_tables.py outputs multirun [--out experiments/tables]
+
+Every ``results.json`` under the given folders (recursively; sweeps have one per setting) is a
+row. A run whose dataset, method, evaluation resolution and settings are the paper's gets the
+paper's ACC / mIoU (``experiments/paper_numbers.json``, SPEC.md section 8) and the difference.
+Runs on random weights (``backbone=tiny`` and the like) are never shown as results: they go to a
+separate, flagged Markdown table and are left out of the LaTeX one. Prints Markdown; with
+``--out DIR`` also writes ``DIR/tables.md`` and ``DIR/tables.tex``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PAPER_FILE = Path(__file__).resolve().with_name("paper_numbers.json")
+RANDOM_MARK = "RANDOM WEIGHTS"
+DATASET_NAMES = {"coco_stuff27": "COCO-Stuff-27", "cityscapes": "Cityscapes-27", "folder": "folder"}
+METHOD_NAMES = {"diffseg": "DiffSeg", "kmeans_c": "K-Means-C", "kmeans_s": "K-Means-S"}
+
+
+def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every ``results.json`` under ``paths`` (files or folders), sorted, without duplicates."""
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file() and p.name == "results.json":
+            found[p.resolve()] = None
+        elif p.is_dir():
+            for f in sorted(p.rglob("results.json")):
+                if ".hydra" not in f.parts and "wandb" not in f.parts:
+                    found[f.resolve()] = None
+    return list(found)
+
+
+def load_paper(path: str | os.PathLike = PAPER_FILE) -> list[dict[str, Any]]:
+    """The paper's rows (see experiments/paper_numbers.json)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+
+
+def _norm(value: Any) -> Any:
+    """Settings compared loosely: a list of equal thresholds is that threshold; floats rounded."""
+    if isinstance(value, (list, tuple)):
+        values = [_norm(v) for v in value]
+        if values and all(v == values[0] for v in values):
+            return values[0]
+        return values
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def settings_of(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's segmentor settings: the segmentor's own description when saved, else the config."""
+    out = dict(result.get("method") or {})
+    out.update(result.get("segmentor") or {})
+    out.pop("name", None)
+    return out
+
+
+def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> dict | None:
+    """The paper row a result reproduces (same dataset, method, resolution and settings)."""
+    dataset = (result.get("dataset") or {}).get("name")
+    method = (result.get("method") or {}).get("name")
+    settings = settings_of(result)
+    for row in paper:
+        match = row.get("match")
+        if not match or row.get("dataset") != dataset or match.get("method") != method:
+            continue
+        if match.get("resolution") != result.get("resolution"):
+            continue
+        if (
+            "curated" in match
+            and bool((result.get("dataset") or {}).get("curated")) != match["curated"]
+        ):
+            continue
+        if all(_norm(settings.get(k)) == _norm(v) for k, v in match.get("settings", {}).items()):
+            return dict(row)
+    return None
+
+
+def _num(x: Any) -> float | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return float(x)
+
+
+def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """One row per results.json with a metric: what the tables show."""
+    rows = []
+    for f in find_results(paths):
+        try:
+            r = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"warning: skipping unreadable {f} ({err})", file=sys.stderr)
+            continue
+        if _num(r.get("acc")) is None:  # image folders: no labels, no metric
+            continue
+        ref = paper_row(r, paper)
+        method = (r.get("method") or {}).get("name", "?")
+        setting = r.get("setting") or ""
+        try:
+            where = os.path.relpath(f.parent)
+        except ValueError:
+            where = str(f.parent)
+        images, expected = r.get("num_images"), r.get("images_expected")
+        rows.append(
+            {
+                "path": where,
+                "dataset": (r.get("dataset") or {}).get("name", "?"),
+                "method": method,
+                "setting": setting,
+                "resolution": r.get("resolution"),
+                "backbone": (r.get("backbone") or {}).get("name", "?"),
+                "random": bool(r.get("random_weights")),
+                "images": images,
+                "expected": expected,
+                "partial": expected is not None and images != expected,
+                "acc": _num(r.get("acc")),
+                "miou": _num(r.get("miou")),
+                "paper": ref,
+            }
+        )
+    rows.sort(
+        key=lambda x: (x["dataset"], x["method"], x["resolution"] or 0, x["setting"], x["path"])
+    )
+    return rows
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _d(ours: float | None, paper: float | None) -> str:
+    if ours is None or paper is None:
+        return "–"
+    return f"{ours - paper:+.1f}"
+
+
+def _images(row: Mapping[str, Any]) -> str:
+    if row["partial"]:
+        return f"{row['images']}/{row['expected']} (partial)"
+    return str(row["images"])
+
+
+def _method_label(row: Mapping[str, Any]) -> str:
+    label = METHOD_NAMES.get(row["method"], row["method"])
+    return f"{label} ({row['setting']})" if row["setting"] else label
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: results vs the paper; random-weight runs apart and flagged; the paper's table."""
+    real = [r for r in rows if not r["random"]]
+    rand = [r for r in rows if r["random"]]
+    out = ["## Results vs the paper", ""]
+    if real:
+        out += [
+            "| dataset | method | eval res | backbone | images | ACC | paper ACC | Δ ACC "
+            "| mIoU | paper mIoU | Δ mIoU | run |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in real:
+            p = r["paper"] or {}
+            out.append(
+                f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
+                f"| {r['resolution']} | {r['backbone']} | {_images(r)} "
+                f"| {_f(r['acc'])} | {_f(p.get('acc'))} | {_d(r['acc'], p.get('acc'))} "
+                f"| {_f(r['miou'])} | {_f(p.get('miou'))} | {_d(r['miou'], p.get('miou'))} "
+                f"| `{r['path']}` |"
+            )
+        out += ["", "Δ = this run minus the paper; – where the paper has no such setting."]
+        if any(r["partial"] for r in real):
+            out.append(
+                "Partial runs (fewer images than the benchmark) are not comparable to the paper."
+            )
+    else:
+        out.append("No run with trained weights found.")
+    if rand:
+        out += [
+            "",
+            f"## ⚠ {RANDOM_MARK}: pipeline checks, NOT results",
+            "",
+            "These runs used a backbone with random weights (tests, smoke runs, compute "
+            "measurements). Their numbers say nothing about DiffSeg and are not compared with "
+            "the paper.",
+            "",
+            "| dataset | method | eval res | backbone | images | ACC | mIoU | run |",
+            "|---|---|---:|---|---:|---:|---:|---|",
+        ]
+        for r in rand:
+            out.append(
+                f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
+                f"| {r['resolution']} | {r['backbone']} ⚠ {RANDOM_MARK} | {_images(r)} "
+                f"| {_f(r['acc'])} | {_f(r['miou'])} | `{r['path']}` |"
+            )
+    out += [
+        "",
+        "## The paper's numbers (SPEC.md section 8)",
+        "",
+        "| dataset | method | ACC | mIoU |",
+        "|---|---|---:|---:|",
+    ]
+    for p in paper:
+        out.append(
+            f"| {DATASET_NAMES.get(p['dataset'], p['dataset'])} | {p['label']} "
+            f"| {_f(p['acc'])} | {_f(p['miou'])} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _tex(s: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("_", r"\_"),
+        ("%", r"\%"),
+        ("&", r"\&"),
+        ("#", r"\#"),
+        ("Δ", r"$\Delta$"),
+    ):
+        s = s.replace(a, b)
+    return s
+
+
+def latex(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A booktabs table of the trained-weight runs (random-weight runs are left out)."""
+    real = [r for r in rows if not r["random"]]
+    n_rand = len(rows) - len(real)
+    out = [
+        "% Generated by experiments/make_tables.py; Delta = this run minus the paper.",
+    ]
+    if n_rand:
+        out.append(f"% {n_rand} run(s) on RANDOM WEIGHTS left out: they are not results.")
+    out += [
+        r"\begin{tabular}{llrrrrrrr}",
+        r"\toprule",
+        r"Dataset & Method & Res. & ACC & Paper & $\Delta$ & mIoU & Paper & $\Delta$ \\",
+        r"\midrule",
+    ]
+    for r in real:
+        p = r["paper"] or {}
+        method = _method_label(r) + (r" (partial)" if r["partial"] else "")
+        cells = [
+            DATASET_NAMES.get(r["dataset"], r["dataset"]),
+            method,
+            str(r["resolution"]),
+            _f(r["acc"]),
+            _f(p.get("acc")),
+            _d(r["acc"], p.get("acc")),
+            _f(r["miou"]),
+            _f(p.get("miou")),
+            _d(r["miou"], p.get("miou")),
+        ]
+        out.append(" & ".join(_tex(c).replace("–", "--") for c in cells) + r" \\")
+    if not real:
+        out.append(r"\multicolumn{9}{c}{no run with trained weights} \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "dirs", nargs="+", help="run dirs or folders holding them (searched recursively)"
+    )
+    parser.add_argument("--out", type=Path, help="also write tables.md and tables.tex here")
+    parser.add_argument("--paper", type=Path, default=PAPER_FILE, help="paper numbers JSON")
+    args = parser.parse_args(argv)
+    existing = [d for d in args.dirs if Path(d).exists()]
+    for d in args.dirs:
+        if not Path(d).exists():
+            print(f"note: {d} does not exist, skipped", file=sys.stderr)
+    paper = load_paper(args.paper)
+    rows = collect(existing, paper)
+    if not rows:
+        print(
+            f"no results.json with metrics under {', '.join(args.dirs)}: run an evaluation first, "
+            "e.g. `python run.py experiment=coco_table1_diffseg_512`",
+            file=sys.stderr,
+        )
+        return 1
+    md = markdown(rows, paper)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tables.md").write_text(md, encoding="utf-8")
+        (args.out / "tables.tex").write_text(latex(rows), encoding="utf-8")
+        print(f"wrote {args.out / 'tables.md'} and {args.out / 'tables.tex'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
