@@ -365,6 +365,8 @@ def test_batch_shapes_and_output_sizes():
         alone = ds.segment({r: m[b : b + 1] for r, m in maps.items()}, output_size=40)
         assert torch.equal(alone[0], out[b])
     assert ds.segment(maps, output_size=(24, 32)).shape == (3, 24, 32)
+    # Half-precision attention is accepted (aggregated in float32).
+    assert torch.equal(ds.segment({r: m.half() for r, m in maps.items()}, output_size=40), out)
     # Extra keyword arguments meant for other methods are ignored.
     assert ds.segment(maps, output_size=8, num_clusters=[2, 2, 2]).shape == (3, 8, 8)
 
