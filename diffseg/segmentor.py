@@ -23,6 +23,11 @@ positive, and bilinear upsampling and the weighted sum keep it so; the aggregate
 only where *every* used resolution is exactly zero, which happens with float16 attention
 (softmax underflow). That is refused with a clear error by default (the release would produce
 NaNs there); ``DiffSeg(min_prob=1e-12)`` floors such maps explicitly instead.
+
+Precision: the KL cross terms reach tens (``x . log y`` with ``log y`` near -40), so the products
+need true float32. On CUDA, leave TF32 matmuls off (torch's default;
+``torch.backends.cuda.matmul.allow_tf32 = True`` or ``set_float32_matmul_precision("high")``
+would make distance errors of about 1e-2 near the threshold).
 """
 
 from __future__ import annotations
