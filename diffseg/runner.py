@@ -699,7 +699,6 @@ def run(
     if saved is None:
         saved = {"fingerprint": json.loads(json.dumps(fp)), "created": _now()}
     saved.setdefault("wandb_id", None)
-    OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
 
     # --- backbone ----------------------------------------------------------------------------
     random_weights = bool(cfg.backbone.get("random_config"))
@@ -729,14 +728,20 @@ def run(
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    saved["wandb_id"] = tracker.run_id or saved.get("wandb_id")
-    write_json_atomic(run_dir / "run.json", saved)
+    try:
+        saved["wandb_id"] = tracker.run_id or saved.get("wandb_id")
+        # Everything could be loaded: from here on the run dir belongs to this configuration.
+        OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
+        write_json_atomic(run_dir / "run.json", saved)
+        for st in states:
+            st.writer = RowWriter(st.variant.out_dir / "per_image.csv", columns)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
 
     # --- loop --------------------------------------------------------------------------------
     from torch.utils.data import DataLoader, Subset
 
-    for st in states:
-        st.writer = RowWriter(st.variant.out_dir / "per_image.csv", columns)
     todo_idx = [index_of[i] for i in todo]
     loader = DataLoader(
         Subset(dataset, todo_idx),
@@ -803,115 +808,123 @@ def run(
             tracker.finish(exit_code=exit_code)
     loop_time = time.perf_counter() - t_loop
 
-    # --- results -----------------------------------------------------------------------------
-    common = {
-        "dataset": {
-            "name": str(cfg.dataset.name),
-            **{
-                k: v for k, v in (getattr(dataset, "describe", dict)() or {}).items() if k != "name"
+    try:
+        # --- results -----------------------------------------------------------------------------
+        common = {
+            "dataset": {
+                "name": str(cfg.dataset.name),
+                **{
+                    k: v
+                    for k, v in (getattr(dataset, "describe", dict)() or {}).items()
+                    if k != "name"
+                },
+                "curated": getattr(dataset, "curated", None),
             },
-            "curated": getattr(dataset, "curated", None),
-        },
-        "resolution": resolution,
-        "backbone": {
-            "name": str(cfg.backbone.name),
-            "path": cfg.backbone.get("path"),
-            "random_config": cfg.backbone.get("random_config"),
-            "timestep": cfg.backbone.get("timestep"),
-            "model": getattr(backbone, "name", None),
-        },
-        "random_weights": random_weights,
-    }
-    if random_weights:
-        common = {"WARNING": RANDOM_WARNING, **common}
-    timing = {
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "batch_size": knobs["batch_size"],
-        "seed": knobs["seed"],
-        "limit": knobs["limit"],
-        "images_expected": len(ids),
-        "images_this_session": processed,
-        "images_resumed": resumed,
-        "wall_time_s": round(time.perf_counter() - t_start, 3),
-        "loop_time_s": round(loop_time, 3),
-        "images_per_s": round(processed / loop_time, 4) if processed and loop_time > 0 else None,
-        "peak_memory": _peak_memory(device),
-        "versions": _versions(),
-        "run_dir": str(run_dir),
-        "finished": _now(),
-    }
-    all_results: dict[str, dict[str, Any]] = {}
-    for st in states:
-        v = st.variant
-        res: dict[str, Any] = dict(common)
-        res["method"] = v.describe()
-        if hasattr(v.segmentor, "describe"):
-            res["segmentor"] = v.segmentor.describe()
-        res["setting"] = v.name
-        res["sweep_overrides"] = v.overrides or None
-        if labelled:
-            m = st.metrics.compute()
-            res.update(
-                acc=m["acc"],
-                miou=m["miou"],
-                num_images=m["num_images"],
-                classes_counted=m["classes_counted"],
-                pixels=m["pixels"],
-                iou_per_class=dict(zip(dataset.class_names, m["iou_per_class"], strict=True)),
-                tp=m["tp"],
-                fp=m["fp"],
-                fn=m["fn"],
-                complete=m["num_images"] == len(ids),
-            )
-        else:
-            res.update(
-                num_images=len(ids),
-                acc=None,
-                miou=None,
-                complete=True,
-                predictions=str(v.out_dir / "predictions"),
-            )
-        res["overlays"] = [str(p) for p in sorted((v.out_dir / "overlays").glob("**/*.png"))]
-        res.update(timing)
-        write_json_atomic(v.out_dir / "results.json", res)
-        all_results[v.name or ""] = res
-    if len(states) > 1:
-        write_json_atomic(
-            run_dir / "sweep_results.json",
-            {
-                **({"WARNING": RANDOM_WARNING} if random_weights else {}),
-                "settings": [
-                    {
-                        "setting": name,
-                        "acc": r["acc"],
-                        "miou": r["miou"],
-                        "num_images": r["num_images"],
-                        "method": r["method"],
-                    }
-                    for name, r in all_results.items()
-                ],
+            "resolution": resolution,
+            "backbone": {
+                "name": str(cfg.backbone.name),
+                "path": cfg.backbone.get("path"),
+                "random_config": cfg.backbone.get("random_config"),
+                "timestep": cfg.backbone.get("timestep"),
+                "model": getattr(backbone, "name", None),
             },
-        )
+            "random_weights": random_weights,
+        }
+        if random_weights:
+            common = {"WARNING": RANDOM_WARNING, **common}
+        timing = {
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "batch_size": knobs["batch_size"],
+            "seed": knobs["seed"],
+            "limit": knobs["limit"],
+            "images_expected": len(ids),
+            "images_this_session": processed,
+            "images_resumed": resumed,
+            "wall_time_s": round(time.perf_counter() - t_start, 3),
+            "loop_time_s": round(loop_time, 3),
+            "images_per_s": round(processed / loop_time, 4)
+            if processed and loop_time > 0
+            else None,
+            "peak_memory": _peak_memory(device),
+            "versions": _versions(),
+            "run_dir": str(run_dir),
+            "finished": _now(),
+        }
+        all_results: dict[str, dict[str, Any]] = {}
+        for st in states:
+            v = st.variant
+            res: dict[str, Any] = dict(common)
+            res["method"] = v.describe()
+            if hasattr(v.segmentor, "describe"):
+                res["segmentor"] = v.segmentor.describe()
+            res["setting"] = v.name
+            res["sweep_overrides"] = v.overrides or None
+            if labelled:
+                m = st.metrics.compute()
+                res.update(
+                    acc=m["acc"],
+                    miou=m["miou"],
+                    num_images=m["num_images"],
+                    classes_counted=m["classes_counted"],
+                    pixels=m["pixels"],
+                    iou_per_class=dict(zip(dataset.class_names, m["iou_per_class"], strict=True)),
+                    tp=m["tp"],
+                    fp=m["fp"],
+                    fn=m["fn"],
+                    complete=m["num_images"] == len(ids),
+                )
+            else:
+                res.update(
+                    num_images=len(ids),
+                    acc=None,
+                    miou=None,
+                    complete=True,
+                    predictions=str(v.out_dir / "predictions"),
+                )
+            res["overlays"] = [str(p) for p in sorted((v.out_dir / "overlays").glob("**/*.png"))]
+            res.update(timing)
+            write_json_atomic(v.out_dir / "results.json", res)
+            all_results[v.name or ""] = res
+        if len(states) > 1:
+            write_json_atomic(
+                run_dir / "sweep_results.json",
+                {
+                    **({"WARNING": RANDOM_WARNING} if random_weights else {}),
+                    "settings": [
+                        {
+                            "setting": name,
+                            "acc": r["acc"],
+                            "miou": r["miou"],
+                            "num_images": r["num_images"],
+                            "method": r["method"],
+                        }
+                        for name, r in all_results.items()
+                    ],
+                },
+            )
 
-    # --- tracker summary and the screen summary -----------------------------------------------
-    summary: dict[str, Any] = {
-        "random_weights": random_weights,
-        "images_per_s": timing["images_per_s"],
-    }
-    for name, r in all_results.items():
-        prefix = f"{name}/" if name else ""
-        summary[f"{prefix}acc"] = r["acc"]
-        summary[f"{prefix}miou"] = r["miou"]
-        summary[f"{prefix}num_images"] = r["num_images"]
-        if labelled:
-            tracker.log_class_table(
-                f"{prefix}iou_per_class",
-                list(r["iou_per_class"]),
-                list(r["iou_per_class"].values()),
-            )
-        tracker.log_images(f"{prefix}overlays", r["overlays"][:16])
-    tracker.log_summary(summary)
+        # --- tracker summary and the screen summary -----------------------------------------------
+        summary: dict[str, Any] = {
+            "random_weights": random_weights,
+            "images_per_s": timing["images_per_s"],
+        }
+        for name, r in all_results.items():
+            prefix = f"{name}/" if name else ""
+            summary[f"{prefix}acc"] = r["acc"]
+            summary[f"{prefix}miou"] = r["miou"]
+            summary[f"{prefix}num_images"] = r["num_images"]
+            if labelled:
+                tracker.log_class_table(
+                    f"{prefix}iou_per_class",
+                    list(r["iou_per_class"]),
+                    list(r["iou_per_class"].values()),
+                )
+            tracker.log_images(f"{prefix}overlays", r["overlays"][:16])
+        tracker.log_summary(summary)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
     tracker.finish(exit_code=0)
     print_summary(cfg, all_results, timing, random_weights, run_dir, labelled)
     return {"run_dir": str(run_dir), "random_weights": random_weights, "results": all_results}
@@ -1066,8 +1079,8 @@ def main(cfg: DictConfig) -> float | None:
     except RunError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr, flush=True)
+        log.debug("run failed: %s", err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(

@@ -87,6 +87,14 @@ def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> 
     return None
 
 
+def _short_path(path: Path) -> str:
+    """The path relative to the working dir when it lies inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _num(x: Any) -> float | None:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return None
@@ -107,10 +115,7 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
         ref = paper_row(r, paper)
         method = (r.get("method") or {}).get("name", "?")
         setting = r.get("setting") or ""
-        try:
-            where = os.path.relpath(f.parent)
-        except ValueError:
-            where = str(f.parent)
+        where = _short_path(f.parent)
         images, expected = r.get("num_images"), r.get("images_expected")
         rows.append(
             {
@@ -287,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     md = markdown(rows, paper)
-    print(md)
+    print(md, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tables.md").write_text(md, encoding="utf-8")
