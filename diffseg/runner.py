@@ -564,7 +564,10 @@ def build_backbone_from_config(
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, RunError):
             raise
-        raise ConfigError(f"backbone={bb_cfg.get('name')}: {err}") from err
+        hint = ""
+        if isinstance(err, FileNotFoundError):
+            hint = "\n(For an offline smoke run with random weights, use backbone=tiny.)"
+        raise ConfigError(f"backbone={bb_cfg.get('name')}: {err}{hint}") from err
 
 
 def _peak_memory(device: torch.device) -> dict[str, float | None]:

@@ -376,3 +376,73 @@ def test_multirun_one_result_per_combination_and_tables(coco_root, tmp_path):
     md = (tmp_path / "tables/tables.md").read_text()
     assert "RANDOM WEIGHTS" in md and "K-Means-S" in md and "DiffSeg" in md
     assert "random" in (tmp_path / "tables/tables.tex").read_text().lower()
+
+
+# ---- small pieces, no model ------------------------------------------------------------------
+
+
+def test_per_image_csv_repairs_only_a_torn_tail(tmp_path):
+    from diffseg.runner import RowWriter
+
+    path = tmp_path / "per_image.csv"
+    rec = {
+        "acc": 50.0,
+        "miou": None,
+        "num_segments": 3,
+        "num_classes": 2,
+        "pixels": 4,
+        "tp": [2] + [0] * 26,
+        "fp": [1] + [0] * 26,
+        "fn": [0, 2] + [0] * 25,
+    }
+    w = RowWriter(path, CSV_COLUMNS)
+    w.write({"id": "a", **rec})
+    w.write({"id": "b", **rec})
+    w.close()
+    good = path.read_bytes()
+    rows = read_per_image(path, CSV_COLUMNS)
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[0]["tp"] == rec["tp"]
+    assert rows[0]["miou"] is None and rows[1]["acc"] == 50.0
+    with open(path, "ab") as f:  # kill -9 mid-row, and a power loss leaving zero bytes
+        f.write(b'c,50.0,,3,2,4,"[2,0,0\x00\x00')
+    assert [r["id"] for r in read_per_image(path, CSV_COLUMNS)] == ["a", "b"]
+    assert path.read_bytes() == good  # the torn tail is cut off before appending resumes
+    with open(path, "ab") as f:  # a complete but damaged last line is dropped too
+        f.write(b"c,50.0,,3,2,4,[2],[1]\n")
+    assert [r["id"] for r in read_per_image(path, CSV_COLUMNS)] == ["a", "b"]
+    assert path.read_bytes() == good
+    path.write_bytes(good.replace(b"\na,", b"\na,x", 1))  # damage inside the file: refuse
+    with pytest.raises(ResumeError, match="line 2"):
+        read_per_image(path, CSV_COLUMNS)
+
+
+def test_segment_pngs_keep_ids_exactly(tmp_path):
+    from diffseg.overlay import edges, make_overlay, save_segments_png
+    from eval.score import read_prediction
+
+    small = torch.tensor([[0, 7], [255, 3]])
+    big = torch.tensor([[0, 300], [1000, 3]])
+    for name, seg in (("small", small), ("big", big)):
+        path = save_segments_png(tmp_path / f"{name}.png", seg)
+        assert np.array_equal(read_prediction(path), seg.numpy())
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+    assert edges(small).tolist() == [[True, True], [True, False]]
+    pic = make_overlay(torch.zeros(3, 8, 8), torch.zeros(2, 2, dtype=torch.long))
+    assert pic.shape == (2, 3 * 2 + 2 * 4, 3) and pic.dtype == np.uint8
+
+
+def test_wandb_mode_never_prompts(monkeypatch, tmp_path):
+    from diffseg import tracking
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(tracking, "wandb_logged_in", lambda: False)
+    assert tracking._resolve_mode("auto")[0] == "offline"
+    with pytest.raises(ValueError, match="no W&B API key"):
+        tracking._resolve_mode("online")
+    monkeypatch.setattr(tracking, "wandb_logged_in", lambda: True)
+    assert tracking._resolve_mode("auto")[0] == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking._resolve_mode("online")[0] == "offline"  # the environment wins
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert isinstance(tracking.build_tracker({"name": "wandb"}, tmp_path, {}), tracking.NullTracker)
+    assert isinstance(tracking.build_tracker({"name": "none"}, tmp_path, {}), tracking.NullTracker)
