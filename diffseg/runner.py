@@ -887,6 +887,8 @@ def run(
                 )
             res["overlays"] = [str(p) for p in sorted((v.out_dir / "overlays").glob("**/*.png"))]
             res.update(timing)
+            # this setting's images taken over from an earlier session of the run dir
+            res["images_resumed"] = st.resumed
             write_json_atomic(v.out_dir / "results.json", res)
             all_results[v.name or ""] = res
         if len(states) > 1:

@@ -159,9 +159,9 @@ def test_run_writes_consistent_outputs(ref_run, coco_root):
 def test_resume_after_kill_equals_uninterrupted_and_sweep_shares_attention(
     ref_run, coco_root, tiny_backbone, tmp_path
 ):
-    """Two thresholds from one attention pass per image; interrupted after the first image, a
-    torn last row appended (kill -9 mid-write), then resumed: the 1.1 setting equals the
-    uninterrupted reference run exactly."""
+    """Two thresholds from one attention pass per image; interrupted after the first image with
+    a torn last row in one setting (kill -9 mid-write), then resumed: the 1.1 setting equals
+    the uninterrupted reference run exactly."""
     ref_dir, _ = ref_run
     cfg = compose_cfg(*base(coco_root), "sweep.kl_threshold=[1.1,0.9]", "num_overlays=0")
     counting = CountingBackbone(tiny_backbone)
@@ -178,21 +178,27 @@ def test_resume_after_kill_equals_uninterrupted_and_sweep_shares_attention(
         assert len(load_rows(d / "per_image.csv")) == 1
         assert not (d / "results.json").exists()  # results only when complete
     ref_rows = load_rows(ref_dir / "per_image.csv")
-    # a torn write: half of the next row, no newline
-    with open(dirs[0] / "per_image.csv", "a") as f:
-        f.write(f"{ref_rows[1]['id']},55.1,12.0,4,3,40")
+    # kill -9 while writing the first image's row of the second setting: its file ends in a
+    # torn row (no newline), the first setting's row is complete
+    csv_09 = dirs[1] / "per_image.csv"
+    text = csv_09.read_text()
+    header, row = text.splitlines()[:2]
+    csv_09.write_text(header + "\n" + row[: len(row) // 2])
 
     out = run(cfg, tmp_path, backbone=counting)
-    assert counting.calls == N_IMAGES  # one attention pass per image, whatever the settings
+    # both images need a pass again (image 1 for the 0.9 setting only), one pass each
+    assert counting.calls == 1 + N_IMAGES
     assert set(out["results"]) == {"kl_threshold=1.1", "kl_threshold=0.9"}
     ref = json.loads((ref_dir / "results.json").read_text())
     res = json.loads((dirs[0] / "results.json").read_text())
     assert res["tp"] == ref["tp"] and res["fp"] == ref["fp"] and res["fn"] == ref["fn"]
     assert res["acc"] == ref["acc"] and res["miou"] == ref["miou"]
-    assert res["images_resumed"] == 1 and res["images_this_session"] == N_IMAGES - 1
+    assert res["images_resumed"] == 1 and res["images_this_session"] == N_IMAGES
+    assert json.loads((dirs[1] / "results.json").read_text())["images_resumed"] == 0
     rows = load_rows(dirs[0] / "per_image.csv")
     assert [r["id"] for r in rows] == [r["id"] for r in ref_rows]
-    assert (dirs[0] / "per_image.csv").read_text().endswith("\n")
+    assert [r["id"] for r in load_rows(csv_09)] == [r["id"] for r in ref_rows]
+    assert csv_09.read_text().endswith("\n")
     other = json.loads((dirs[1] / "results.json").read_text())
     assert other["method"]["kl_threshold"] == 0.9 and other["num_images"] == N_IMAGES
     sweep = json.loads((tmp_path / "sweep_results.json").read_text())
@@ -200,7 +206,7 @@ def test_resume_after_kill_equals_uninterrupted_and_sweep_shares_attention(
 
     # a finished run started again does nothing but rewrite the same results
     run(cfg, tmp_path, backbone=counting)
-    assert counting.calls == N_IMAGES
+    assert counting.calls == 1 + N_IMAGES
     assert json.loads((dirs[0] / "results.json").read_text())["tp"] == ref["tp"]
 
 
