@@ -453,8 +453,13 @@ class StableDiffusionBackbone:
         log.info("loading Stable Diffusion weights from %s", source)
         try:
             common = {"local_files_only": local_only}
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
+            # diffusers casts while loading (keeping any modules it must keep in float32)
+            vae = AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, **common
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=dtype, **common
+            )
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
         except (OSError, ValueError) as err:
@@ -645,5 +650,14 @@ class StableDiffusionBackbone:
             self.unet, store, chunk_elements=self.chunk_elements, output=self.attention_output
         ):
             self.unet(latent, timestep, encoder_hidden_states=embedding, return_dict=False)
-        self.layer_inventory = store.layer_inventory
+        inventory = store.layer_inventory
+        if {r: len(v) for r, v in inventory.items()} != {
+            r: len(v) for r, v in self.layer_inventory.items()
+        }:
+            log.info(
+                "%s: self-attention layers captured per token grid (side: layers): %s",
+                self.name,
+                {r: len(v) for r, v in inventory.items()},
+            )
+        self.layer_inventory = inventory
         return store.maps()
