@@ -189,9 +189,8 @@ def test_incomplete_local_folder_lists_what_is_missing(tmp_path):
         StableDiffusionBackbone.from_pretrained(tmp_path)
 
 
-def test_offline_hub_id_without_cache_names_the_id_and_fix(monkeypatch, tmp_path):
+def test_offline_hub_id_without_cache_names_the_id_and_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsNotFoundError) as info:
         StableDiffusionBackbone.from_pretrained("diffseg-tests/no-such-model")
     message = str(info.value)
