@@ -10,6 +10,7 @@ The public API, one name per stage (see README.md):
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .baselines import KMeansSegmentor, kmeans_c, kmeans_s
@@ -17,6 +18,11 @@ from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmet
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbone import StableDiffusionBackbone
+
+try:
+    __version__ = version("diffseg")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0+unknown"
 
 __all__ = [
     "DiffSeg",

@@ -211,3 +211,22 @@ def test_from_pretrained_loads_a_local_diffusers_folder(backbone, tmp_path):
     assert list(ours) == list(theirs)
     for r in ours:
         torch.testing.assert_close(theirs[r], ours[r], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_maps_match_cpu(dtype):
+    """The same tiny weights on the GPU (fp32 and fp16) give the CPU's float32 maps."""
+    cpu = StableDiffusionBackbone.from_config("tiny", seed=0)
+    gpu = StableDiffusionBackbone.from_config("tiny", seed=0, device="cuda", dtype=dtype)
+    images = _images(2)
+    expected = cpu.attention_maps(images)
+    got = gpu.attention_maps(images.to("cuda", dtype))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for r, m in expected.items():
+        assert got[r].device.type == "cuda" and got[r].dtype == torch.float32
+        torch.testing.assert_close(
+            got[r].sum(-1).cpu(), torch.ones_like(m[..., 0]), atol=1e-3, rtol=0
+        )
+        torch.testing.assert_close(got[r].cpu(), m, atol=tol * m.max().item(), rtol=0)
