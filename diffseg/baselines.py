@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kmeans import kmeans
+from .kmeans import cluster_means, kmeans
 from .segmentor import (
     WeightsArg,
     _aggregate,
@@ -129,11 +129,7 @@ class KMeansSegmentor:
             one = {r: maps[r][b : b + 1] for r in res}
             flat = _aggregate(one, 1, w, n).reshape(n * n, n * n)
             km = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
-            k = km.centers.shape[0]
-            sums = torch.zeros_like(km.centers).index_add_(0, km.labels, flat)
-            sizes = torch.bincount(km.labels, minlength=k)
-            keep = sizes > 0
-            out.append((sums[keep] / sizes[keep].unsqueeze(1).to(flat.dtype)).reshape(-1, n, n))
+            out.append(cluster_means(flat, km.labels, km.centers.shape[0]).reshape(-1, n, n))
         return out
 
     def segment(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "kmeans", "kmeans_plusplus", "squared_distances"]
+__all__ = ["KMeansResult", "cluster_means", "kmeans", "kmeans_plusplus", "squared_distances"]
 
 
 @dataclass
@@ -208,3 +208,13 @@ def kmeans(
         labels = _assign(x, centers)
     inertia = float(squared_distances(x, centers).gather(1, labels.unsqueeze(1)).sum())
     return KMeansResult(centers, labels, inertia, n_iter, converged)
+
+
+def cluster_means(x: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Means of the non-empty clusters: ``(N, D)`` points with ``(N,)`` labels in ``[0, k)`` give
+    ``(K', D)``, ``K' <= k``, in label order (empty clusters dropped). DiffSeg's refinement and the
+    K-Means baselines both turn a final clustering into proposals this way."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    sizes = torch.bincount(labels, minlength=k)
+    keep = sizes > 0
+    return sums[keep] / sizes[keep].unsqueeze(1).to(x.dtype)

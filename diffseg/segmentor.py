@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kmeans import kmeans
+from .kmeans import cluster_means, kmeans
 
 __all__ = [
     "DEFAULT_RESOLUTIONS",
@@ -520,11 +520,7 @@ def refine_proposals(
     (one init, as ``sklearn KMeans(init=proposals, n_init=1)``); the new proposals are the means of
     the maps in each final cluster (empty clusters dropped), ``(K', D)`` with ``K' <= K``."""
     result = kmeans(maps, init=proposals, max_iter=max_iter, tol=tol)
-    k = proposals.shape[0]
-    sums = torch.zeros_like(proposals).index_add_(0, result.labels, maps)
-    counts = torch.bincount(result.labels, minlength=k)
-    keep = counts > 0
-    return sums[keep] / counts[keep].unsqueeze(1).to(maps.dtype)
+    return cluster_means(maps, result.labels, proposals.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
