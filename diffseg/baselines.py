@@ -25,6 +25,7 @@ from .segmentor import (
     proposals_to_labels,
     resolution_weights,
     validate_maps,
+    weights_json,
 )
 
 __all__ = ["KMeansSegmentor", "kmeans_c", "kmeans_s"]
@@ -72,11 +73,7 @@ class KMeansSegmentor:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings."""
-        weights = self.weights
-        if isinstance(weights, Mapping):
-            weights = {str(k): float(v) for k, v in weights.items()}
-        elif not isinstance(weights, str):
-            weights = [float(v) for v in weights]
+        weights = weights_json(self.weights)
         return {
             "name": self.name,
             "num_clusters": self.num_clusters,

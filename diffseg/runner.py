@@ -959,29 +959,35 @@ def _process_batch(
         pending = [k for k, i in enumerate(ids) if i not in st.done]
         if not pending:
             continue
+        # After a resume, a setting may already have some of the batch: segment only the rest.
+        todo_maps = maps
+        if len(pending) < len(ids):
+            index = torch.tensor(pending, device=images.device)
+            todo_maps = {r: m.index_select(0, index) for r, m in maps.items()}
+        todo_labels = labels[pending] if labelled else None
         seg = st.variant.segmentor
         kwargs: dict[str, Any] = {}
         if getattr(seg, "needs_num_classes", False):
-            kwargs["num_clusters"] = _num_classes_per_image(labels)
+            kwargs["num_clusters"] = _num_classes_per_image(todo_labels)
         with torch.inference_mode():
-            preds = seg.segment(maps, output_size=resolution, **kwargs).cpu()
-        records = st.metrics.update(preds[pending], labels[pending]) if labelled else None
+            preds = seg.segment(todo_maps, output_size=resolution, **kwargs).cpu()
+        records = st.metrics.update(preds, todo_labels) if labelled else None
         out_dir = st.variant.out_dir
         for j, k in enumerate(pending):
             image_id = ids[k]
             if save_predictions:
-                save_segments_png(out_dir / "predictions" / f"{image_id}.png", preds[k])
+                save_segments_png(out_dir / "predictions" / f"{image_id}.png", preds[j])
             if index_of[image_id] < num_overlays:
                 save_overlay(
                     out_dir / "overlays" / f"{image_id}.png",
                     batch["image"][k],
-                    preds[k],
-                    labels[k] if labelled else None,
+                    preds[j],
+                    todo_labels[j] if labelled else None,
                 )
             rec = (
                 {"id": image_id, **records[j]}
                 if labelled
-                else {"id": image_id, "num_segments": int(torch.unique(preds[k]).numel())}
+                else {"id": image_id, "num_segments": int(torch.unique(preds[j]).numel())}
             )
             st.writer.write(rec)
             st.done.add(image_id)

@@ -219,6 +219,15 @@ def aggregate_attention(
     return _aggregate(maps, batch, resolution_weights(res, weights), out_res)
 
 
+def weights_json(weights: WeightsArg) -> str | list[float] | dict[str, float]:
+    """The aggregation ``weights`` argument as JSON-able data (for ``describe()`` and results)."""
+    if isinstance(weights, str):
+        return weights
+    if isinstance(weights, Mapping):
+        return {str(k): float(v) for k, v in weights.items()}
+    return [float(v) for v in weights]
+
+
 def _aggregate(maps: Mapping[int, Tensor], batch: int, w: dict[int, float], out_res: int) -> Tensor:
     """:func:`aggregate_attention` on validated maps, with normalised weights ``{r: w_r}``."""
     res = list(w)
@@ -665,15 +674,7 @@ class DiffSeg:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings."""
-        weights = (
-            self.weights
-            if isinstance(self.weights, str)
-            else (
-                {str(k): float(v) for k, v in self.weights.items()}
-                if isinstance(self.weights, Mapping)
-                else [float(v) for v in self.weights]
-            )
-        )
+        weights = weights_json(self.weights)
         return {
             "name": self.name,
             "kl_threshold": self.thresholds,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 RESOLUTIONS = (64, 32, 16, 8)
@@ -94,3 +96,14 @@ def random_structured_maps(
     aff = torch.rand(num_regions, num_regions, generator=g) * 2.0
     aff = (aff + aff.T) / 2 + 5.0 * torch.eye(num_regions)
     return make_maps(labels, aff, noise=noise, seed=seed, device=device), labels
+
+
+def region_agreement(pred: Tensor, labels: Tensor) -> tuple[float, int]:
+    """Fraction of pixels correct under the best one-to-one segment/region matching, and the
+    number of segments used: how well a segmentation recovers the synthetic regions."""
+    pred, labels = pred.flatten().numpy(), labels.flatten().numpy()
+    seg_ids, pred = np.unique(pred, return_inverse=True)
+    hist = np.zeros((labels.max() + 1, len(seg_ids)))
+    np.add.at(hist, (labels, pred), 1)
+    rows, cols = linear_sum_assignment(hist, maximize=True)
+    return hist[rows, cols].sum() / labels.size, len(seg_ids)

@@ -2,26 +2,15 @@
 
 import json
 
-import numpy as np
 import pytest
 import synthetic_attention as sa
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from diffseg.baselines import KMeansSegmentor, kmeans_c, kmeans_s
 from diffseg.kmeans import kmeans
 from diffseg.segmentor import aggregate_attention, proposals_to_labels
 
 SMALL = (16, 8, 4)
-
-
-def _agreement(pred, labels):
-    pred, labels = pred.flatten().numpy(), labels.flatten().numpy()
-    seg_ids, pred = np.unique(pred, return_inverse=True)
-    hist = np.zeros((labels.max() + 1, len(seg_ids)))
-    np.add.at(hist, (labels, pred), 1)
-    rows, cols = linear_sum_assignment(hist, maximize=True)
-    return hist[rows, cols].sum() / labels.size, len(seg_ids)
 
 
 def test_kmeans_c_finds_six_regions_at_full_size():
@@ -33,7 +22,7 @@ def test_kmeans_c_finds_six_regions_at_full_size():
     )
     pred = method.segment(maps, output_size=64)
     assert pred.shape == (1, 64, 64) and pred.dtype == torch.int64
-    acc, n_seg = _agreement(pred[0], labels)
+    acc, n_seg = sa.region_agreement(pred[0], labels)
     assert n_seg == 6 and acc > 0.97
 
 
@@ -76,7 +65,7 @@ def test_kmeans_s_uses_per_image_counts():
         method.segment(maps, num_clusters=[2, -1, 3])
     pred = method.segment(maps, output_size=16, num_clusters=torch.tensor([2, 4, 6]))
     for b, k in enumerate([2, 4, 6]):
-        assert _agreement(pred[b], labels[b]) == (1.0, k)
+        assert sa.region_agreement(pred[b], labels[b]) == (1.0, k)
     # K-Means-C ignores a per-image count.
     fixed = KMeansSegmentor(2, map_size=16).segment(maps, output_size=16, num_clusters=[6, 6, 6])
     assert [int(p.unique().numel()) for p in fixed] == [2, 2, 2]
@@ -90,7 +79,7 @@ def test_more_clusters_than_distinct_maps():
     assert pred.unique().numel() == 1
     two = sa.make_maps(sa.block_labels(1, 2, 16), 6.0, resolutions=[16])
     pred = KMeansSegmentor(6, map_size=16, resolutions=[16]).segment(two, output_size=16)
-    assert _agreement(pred[0], sa.block_labels(1, 2, 16)) == (1.0, 2)
+    assert sa.region_agreement(pred[0], sa.block_labels(1, 2, 16)) == (1.0, 2)
 
 
 def test_describe_and_bad_settings():

@@ -210,6 +210,40 @@ def test_resume_after_kill_equals_uninterrupted_and_sweep_shares_attention(
     assert json.loads((dirs[0] / "results.json").read_text())["tp"] == ref["tp"]
 
 
+def test_resume_mid_batch_segments_only_the_missing_images(coco_root, tiny_backbone, tmp_path):
+    """batch_size=2, killed while writing the batch's rows: the 1.1 setting kept its first row,
+    the 0.9 setting none. The resume passes the batch through SD once and each setting segments
+    only what it lacks; every row equals the one the interrupted session had computed."""
+    cfg = compose_cfg(
+        *base(coco_root), "batch_size=2", "sweep.kl_threshold=[1.1,0.9]", "num_overlays=0"
+    )
+    counting = CountingBackbone(tiny_backbone)
+
+    def interrupt(done: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path, on_batch=interrupt, backbone=counting)
+    csvs = [
+        tmp_path / "kl_threshold=1.1" / "per_image.csv",
+        tmp_path / "kl_threshold=0.9" / "per_image.csv",
+    ]
+    first = [load_rows(c) for c in csvs]
+    assert [len(rows) for rows in first] == [N_IMAGES, N_IMAGES]
+    for c, keep in zip(csvs, (1, 0), strict=True):
+        lines = c.read_text().splitlines(keepends=True)
+        c.write_text("".join(lines[: 1 + keep]))
+
+    run(cfg, tmp_path, backbone=counting)
+    assert counting.calls == 2 and counting.images == 2 * N_IMAGES
+    for c, rows in zip(csvs, first, strict=True):
+        assert load_rows(c) == rows
+        res = json.loads((c.parent / "results.json").read_text())
+        again = HungarianMetrics(27)
+        again.add_records(rows)
+        assert res["tp"] == again.compute()["tp"] and res["num_images"] == N_IMAGES
+
+
 def test_resume_refuses_another_config(ref_run, coco_root):
     run_dir, _ = ref_run
     before = (run_dir / "per_image.csv").read_bytes()

@@ -7,7 +7,6 @@ import pytest
 import synthetic_attention as sa
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from diffseg.segmentor import (
     DiffSeg,
@@ -29,17 +28,6 @@ SMALL = (16, 8, 4)  # a 16x16 grid: same algorithm, 256 maps instead of 4096
 
 def _small_segmentor(**kw):
     return DiffSeg(map_size=16, num_points=8, **kw)
-
-
-def _agreement(pred: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Fraction of pixels correct under the best one-to-one segment/region matching, and the
-    number of segments used."""
-    pred, labels = pred.flatten().numpy(), labels.flatten().numpy()
-    seg_ids, pred = np.unique(pred, return_inverse=True)
-    hist = np.zeros((labels.max() + 1, len(seg_ids)))
-    np.add.at(hist, (labels, pred), 1)
-    rows, cols = linear_sum_assignment(hist, maximize=True)
-    return hist[rows, cols].sum() / labels.size, len(seg_ids)
 
 
 # ---- anchors and weights --------------------------------------------------------------------
@@ -309,7 +297,7 @@ def test_segments_structured_attention_into_its_regions(labels, noise):
     maps = sa.make_maps(labels, 6.0, batch=1, noise=noise, seed=5)
     pred = DiffSeg().segment(maps, output_size=64)
     assert pred.shape == (1, 64, 64) and pred.dtype == torch.int64
-    acc, n_seg = _agreement(pred[0], labels)
+    acc, n_seg = sa.region_agreement(pred[0], labels)
     assert n_seg == int(labels.max()) + 1
     assert acc > 0.97
 
@@ -328,7 +316,7 @@ def test_threshold_sweep_merges_monotonically():
     # At the 2-segment level the pairs are the segments.
     tau2 = [0.05, 0.3, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 15.0][counts.index(2)]
     pred = _small_segmentor(kl_threshold=tau2).segment(maps, output_size=16)[0]
-    acc, _ = _agreement(pred, torch.tensor([0, 0, 1, 1])[labels])
+    acc, _ = sa.region_agreement(pred, torch.tensor([0, 0, 1, 1])[labels])
     assert acc == 1.0
 
 
@@ -412,7 +400,7 @@ def test_refinement_matches_sklearn_kmeans():
     pred = _small_segmentor(refine=True).segment(
         sa.make_maps(sa.block_labels(2, 2, 16), 6.0, resolutions=SMALL), output_size=16
     )
-    assert _agreement(pred[0], sa.block_labels(2, 2, 16)) == (1.0, 4)
+    assert sa.region_agreement(pred[0], sa.block_labels(2, 2, 16)) == (1.0, 4)
 
 
 def test_proposals_to_labels():
