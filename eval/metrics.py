@@ -37,6 +37,7 @@ __all__ = [
     "confusion_matrix",
     "json_safe",
     "match_image",
+    "merge_background",
     "summarize",
 ]
 
@@ -474,3 +475,88 @@ class HungarianMetrics:
             raise ValueError(f"state's tp/fp/fn must each have {self.num_classes} entries.")
         self._add(tp, fp, fn, int(state["pixels"]), int(state["num_images"]))
         return self
+
+
+def _numpy_ids(x: ArrayLike, name: str) -> np.ndarray:
+    """One (H, W) integer map as an int64 numpy array (a copy; tensors come to the CPU)."""
+    arr = _as_tensor(x, name)
+    if arr.shape[0] != 1:
+        raise ValueError(f"{name} must be one (H, W) image, got shape {tuple(arr.shape)}.")
+    return arr[0].detach().cpu().numpy().astype(np.int64)
+
+
+def merge_background(
+    pred: ArrayLike, label: ArrayLike, background_index: int, num_classes: int | None = None
+) -> ArrayLike:
+    """Many-to-one background matching of one image, as the DiffCut release does it.
+
+    Datasets with a background class (Pascal VOC, Pascal Context, COCO-Object) let many
+    segments cover the background. Before the usual per-image Hungarian matching:
+
+    1. ``hist[r, k]`` counts the pixels of object class ``r`` (every class but the background,
+       in order; background and ignored pixels are left out) in segment ``k``: ``n_obj`` rows,
+       ``max(n_obj, pred.max() + 1)`` columns, ids not renumbered (as ``confusion_matrix``).
+    2. ``linear_sum_assignment(hist, maximize=True)`` pairs every object class, present or
+       not, with a segment.
+    3. A class row is *kept* when it has a pixel in any of the matched segments, i.e. when
+       ``hist[r, matched columns].max() > 0`` (not only in its own). The segments paired with
+       kept rows survive, even one that does not overlap its own class at all.
+    4. Every other segment (paired with an absent class, with a class all of whose pixels lie
+       in unmatched segments, or unpaired) becomes one segment with id ``pred.max() + 1``.
+
+    Args:
+        pred: (H, W) integer segment ids >= 0 (torch tensor on any device, or numpy array).
+        label: (H, W) integer classes in [0, num_classes); ``background_index`` marks the
+            background, -1 ignored pixels (they count for no class).
+        background_index: the background class.
+        num_classes: classes including the background. The object rows of the matrix (and so
+            the solver's choice among ties) depend on it. ``None`` takes
+            ``max(background_index, label.max()) + 1``, which is exact whenever the background
+            is the last class (as in this project's datasets); pass it otherwise.
+
+    Returns:
+        the merged (H, W) map, of the input's type (tensor on the input's device, or array) and
+        dtype (widened to int64 if the new id does not fit). Unchanged when every segment
+        survives.
+    """
+    p, lab = _numpy_ids(pred, "pred"), _numpy_ids(label, "label")
+    if p.shape != lab.shape:
+        raise ValueError(f"pred and label shapes differ: {p.shape} vs {lab.shape}.")
+    if p.size and p.min() < 0:
+        raise ValueError(f"pred holds a negative segment id ({int(p.min())}).")
+    top = int(lab.max(initial=-1))
+    n = max(background_index, top) + 1 if num_classes is None else int(num_classes)
+    if not 0 <= background_index < n or n < 2:
+        raise ValueError(
+            f"background_index={background_index} must be a class of num_classes={n} (>= 2)."
+        )
+    bad = (lab < -1) | (lab >= n)
+    if bad.any():
+        raise ValueError(
+            f"label holds class {int(lab[bad][0])}; labels must lie in [0, {n}) or be -1."
+        )
+    n_obj = n - 1
+    obj = (lab >= 0) & (lab != background_index)
+    rows = lab[obj] - (lab[obj] > background_index)  # object classes keep their order
+    ncols = max(n_obj, int(p.max(initial=-1)) + 1)
+    hist = np.bincount(rows * ncols + p[obj], minlength=n_obj * ncols).reshape(n_obj, ncols)
+    _, cols = linear_sum_assignment(hist, maximize=True)
+    kept = hist[:, cols].max(axis=1) > 0
+    surviving = set(cols[kept].tolist())
+    merged = [s for s in np.unique(p).tolist() if s not in surviving]
+    if not merged:
+        return pred
+    new_id = int(p.max()) + 1
+    p[np.isin(p, merged)] = new_id
+    return _like(p, pred, new_id)
+
+
+def _like(values: np.ndarray, ref: ArrayLike, largest: int) -> ArrayLike:
+    """``values`` (int64) as the type, device and dtype of ``ref`` (int64 if it cannot hold
+    ``largest``)."""
+    if isinstance(ref, torch.Tensor):
+        out = torch.from_numpy(values)
+        fits = largest <= torch.iinfo(ref.dtype).max
+        return out.to(device=ref.device, dtype=ref.dtype if fits else torch.int64)
+    fits = largest <= np.iinfo(ref.dtype).max
+    return values.astype(ref.dtype if fits else np.int64, copy=False)
