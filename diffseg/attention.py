@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,12 @@ from torch import Tensor
 
 __all__ = [
     "AttentionStore",
+    "CrossAttentionCaptureProcessor",
     "SelfAttentionCaptureProcessor",
     "capture_self_attention",
-    "self_attention_layers",
+    "cross_attention_layers",
     "default_chunk_elements",
+    "self_attention_layers",
 ]
 
 # Largest (B * heads * chunk * N) block of attention scores held at once. On CPU a small block that
@@ -63,11 +65,27 @@ class AttentionStore:
     def __init__(self) -> None:
         self._sums: dict[int, Tensor] = {}
         self._layers: dict[int, list[str]] = {}
+        self._cross_sums: dict[int, Tensor] = {}
+        self._cross_layers: dict[int, list[str]] = {}
 
     def reset(self) -> None:
         """Forget everything accumulated (call before every UNet pass)."""
         self._sums = {}
         self._layers = {}
+        self._cross_sums = {}
+        self._cross_layers = {}
+
+    def add_cross(self, res: int, name: str, columns: Tensor) -> None:
+        """Add one cross-attention layer's head-mean token columns ``(B, N, T)`` at grid ``res``."""
+        acc = self._cross_sums.get(res)
+        self._cross_sums[res] = columns.float() if acc is None else acc.add_(columns)
+        self._cross_layers.setdefault(res, []).append(name)
+
+    def cross_maps(self) -> dict[int, Tensor]:
+        """Mean over layers of the captured cross-attention columns: ``{r: (B, r*r, T)}`` float32,
+        highest resolution first; column ``t`` is the attention of every query to token ``t``."""
+        layers = self._cross_layers
+        return {r: self._cross_sums[r] / len(layers[r]) for r in sorted(layers, reverse=True)}
 
     def accumulator(self, res: int, batch: int, device: torch.device) -> Tensor:
         """The running sum for resolution ``res``: float32 ``(batch, res*res, res*res)``, created
@@ -119,6 +137,8 @@ class SelfAttentionCaptureProcessor:
             computes the output with ``F.scaled_dot_product_attention`` exactly as
             ``AttnProcessor2_0`` and the maps separately (QK^T and softmax twice). See
             benchmarks/README.md for which is faster.
+        scores_dtype: dtype of the scores and probabilities (float32: the maps' precision does
+            not depend on the UNet's dtype).
     """
 
     def __init__(
@@ -128,6 +148,7 @@ class SelfAttentionCaptureProcessor:
         fallback=None,
         chunk_elements: int | None = None,
         output: str = "probs",
+        scores_dtype: torch.dtype = torch.float32,
     ) -> None:
         if output not in ("probs", "sdpa"):
             raise ValueError(f"output must be 'probs' or 'sdpa', got {output!r}")
@@ -138,6 +159,7 @@ class SelfAttentionCaptureProcessor:
         self.fallback = fallback
         self.chunk_elements = chunk_elements
         self.output = output
+        self.scores_dtype = scores_dtype
 
     def __call__(
         self,
@@ -196,8 +218,10 @@ class SelfAttentionCaptureProcessor:
         acc = self.store.accumulator(res, batch, query.device)
 
         scale = attn.scale
-        # Scores in float32 whatever the model dtype; the scale is folded into the queries.
-        q32, k32t = query.float() * scale, key.float().transpose(-1, -2)
+        # Scores in float32 (by default) whatever the model dtype; the scale is folded into the
+        # queries. The running sums stay float32 in any case.
+        q32 = query.to(self.scores_dtype) * scale
+        k32t = key.to(self.scores_dtype).transpose(-1, -2)
         if self.output == "probs":
             out = torch.empty_like(query)
         budget = self.chunk_elements or default_chunk_elements(query.device)
@@ -232,6 +256,66 @@ class SelfAttentionCaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class CrossAttentionCaptureProcessor:
+    """A processor for one cross-attention layer (``attn2``) that records chosen token columns.
+
+    The layer's output is the ``fallback`` processor's, untouched. On the side, the probabilities
+    ``softmax(Q K^T * attn.scale)`` over the text tokens are computed in ``scores_dtype``, the
+    columns of ``tokens`` kept, averaged over heads and added to ``store`` as ``(B, N, T)``.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        tokens: tuple[int, ...],
+        fallback,
+        scores_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not tokens:
+            raise ValueError("CrossAttentionCaptureProcessor needs at least one token position")
+        self.store, self.name, self.fallback = store, name, fallback
+        self.tokens = tuple(int(t) for t in tokens)
+        self.scores_dtype = scores_dtype
+
+    def __call__(
+        self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None, *args, **kw
+    ) -> Tensor:
+        if encoder_hidden_states is not None:
+            self._record(attn, hidden_states, encoder_hidden_states)
+        return self.fallback(attn, hidden_states, encoder_hidden_states, *args, **kw)
+
+    def _record(self, attn, hidden_states: Tensor, context: Tensor) -> None:
+        if hidden_states.ndim == 4:  # (B, C, H, W) -> (B, HW, C)
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        batch, n_tokens, _ = hidden_states.shape
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if max(self.tokens) >= context.shape[1]:
+            raise ValueError(
+                f"token position {max(self.tokens)} is outside the prompt's {context.shape[1]} tokens"
+            )
+        heads = attn.heads
+        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+        key = attn.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)
+        scores = torch.matmul(
+            query.to(self.scores_dtype) * attn.scale, key.to(self.scores_dtype).transpose(-1, -2)
+        )  # (B, heads, N, L)
+        probs = scores.softmax(dim=-1)[..., list(self.tokens)]  # (B, heads, N, T)
+        res = math.isqrt(n_tokens)
+        self.store.add_cross(res, self.name, probs.mean(dim=1).float())
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's cross-attention modules (``attn2`` of each transformer block), keyed by
+    processor name, in module order."""
+    return {
+        f"{name}.processor": module
+        for name, module in unet.named_modules()
+        if name.split(".")[-1] == "attn2" and getattr(module, "is_cross_attention", False)
+    }
+
+
 def self_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The UNet's self-attention modules, keyed by processor name.
 
@@ -257,27 +341,51 @@ def capture_self_attention(
     store: AttentionStore,
     chunk_elements: int | None = None,
     output: str = "probs",
+    layers: Collection[str] | None = None,
+    cross_layers: Collection[str] = (),
+    cross_tokens: tuple[int, ...] = (),
+    scores_dtype: torch.dtype = torch.float32,
 ) -> Iterator[AttentionStore]:
-    """Install :class:`SelfAttentionCaptureProcessor` on every self-attention layer of ``unet``
-    for the duration of the ``with`` block, then restore the previous processors.
+    """Install :class:`SelfAttentionCaptureProcessor` on the self-attention layers of ``unet``
+    (all of them, or the processor names in ``layers``) and
+    :class:`CrossAttentionCaptureProcessor` on ``cross_layers`` (recording ``cross_tokens``) for
+    the duration of the ``with`` block, then restore the previous processors.
 
-    ``store`` is reset on entry. Cross-attention (``attn2``) and any other attention keep their
-    processors. Raises ``ValueError`` if the UNet has no self-attention layer.
+    ``store`` is reset on entry. Every other attention layer keeps its processor (diffusers'
+    fused attention). Raises ``ValueError`` if the UNet has no self-attention layer to capture.
     """
     previous = dict(unet.attn_processors)
-    layers = self_attention_layers(unet)
-    if not layers:
+    wanted = layers
+    layers = {
+        name: m
+        for name, m in self_attention_layers(unet).items()
+        if wanted is None or name in wanted
+    }
+    if wanted is not None and len(layers) != len(set(wanted)):
+        raise ValueError(
+            f"not self-attention layers of the UNet: {sorted(set(wanted) - set(layers))}"
+        )
+    if wanted is None and not layers:
         raise ValueError(
             f"{type(unet).__name__} has no self-attention ('attn1') layers to capture; "
             "expected a diffusers UNet2DConditionModel."
         )
-    missing = [name for name in layers if name not in previous]
+    missing = [name for name in [*layers, *cross_layers] if name not in previous]
     if missing:
         raise RuntimeError(f"attention layers without a processor entry: {missing[:3]}")
     processors = dict(previous)
     for name in layers:
         processors[name] = SelfAttentionCaptureProcessor(
-            store, name, fallback=previous[name], chunk_elements=chunk_elements, output=output
+            store,
+            name,
+            fallback=previous[name],
+            chunk_elements=chunk_elements,
+            output=output,
+            scores_dtype=scores_dtype,
+        )
+    for name in cross_layers:
+        processors[name] = CrossAttentionCaptureProcessor(
+            store, name, cross_tokens, previous[name], scores_dtype=scores_dtype
         )
     store.reset()
     unet.set_attn_processor(processors)

@@ -15,7 +15,7 @@ from diffseg.attention import (
     capture_self_attention,
     self_attention_layers,
 )
-from diffseg.backbone import model_configs
+from diffseg.backbones import model_configs
 
 # A tiny SD 2.x-like layout: linear projections in the transformers, a different head count per
 # level (diffusers' `attention_head_dim` list is the number of heads), attention upcast.

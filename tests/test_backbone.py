@@ -9,14 +9,13 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffseg.backbone import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
+from diffseg.backbones import (
     StableDiffusionBackbone,
     WeightsNotFoundError,
     model_configs,
     tiny_clip_tokenizer,
 )
+from diffseg.backbones.configs import CLIP_BOS_ID, CLIP_EOS_ID
 
 SMALL = 128  # image side for most tests: token grids 16/8/4/2
 
