@@ -2,8 +2,11 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# CPU wheel of torch for development machines and CI; GPU users take environment.yml instead.
+# torch comes from pip's default index: on Linux x86-64 that is the CUDA build (several GB).
+# For the CPU build: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (the index serves torch and its dependencies; the rest comes from the default index).
 TORCH   ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP   := $(VENV)/.installed
 
 # Tests never download and never log online.
@@ -12,22 +15,20 @@ TESTENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 BACKBONE ?= sd14
 RUNS    ?= outputs multirun
 
-.PHONY: install test test-all lint format demo tables bench clean
+.PHONY: install test lint format demo tables bench clean clean-results
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q "$(TORCH)" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") \
+		2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, diffusers, transformers, hydra, cv2, scipy, wandb, diffseg, eval"
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(TESTENV) $(BIN)/python -m pytest -q -m "not slow"
-
-test-all: $(STAMP)
 	$(TESTENV) $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -53,5 +54,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/backbone.py
 
+# The environment and caches only; results are never touched here.
 clean:
-	rm -rf $(VENV) outputs multirun wandb .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Every result: asks first, unless FORCE=1.
+RESULTS := outputs multirun wandb experiments/tables
+clean-results:
+ifeq ($(FORCE),1)
+	rm -rf $(RESULTS)
+else
+	@printf 'Delete all results (%s)? [y/N] ' "$(RESULTS)"; read answer; \
+	if [ "$$answer" = y ] || [ "$$answer" = yes ]; then rm -rf $(RESULTS); echo deleted; \
+	else echo "nothing deleted (make clean-results FORCE=1 deletes without asking)"; exit 1; fi
+endif

@@ -1,30 +1,47 @@
 """Pictures of segmentations: colour maps, edges, side-by-side overlays and segment-id PNGs.
 
 Everything here takes CPU or GPU tensors (or numpy arrays) and writes PNGs atomically (a temp
-file renamed into place), so an interrupted run never leaves a truncated image behind.
+file renamed into place, mode 0666 & ~umask like any other file), so an interrupted run never
+leaves a truncated image behind.
+
+Outputs say where they come from: the writers take optional PNG text metadata (keys
+``diffseg:<name>``, e.g. ``diffseg:random_weights=true``, ``diffseg:method``,
+``diffseg:backbone``; read back with ``PIL.Image.open(path).text``), and an overlay made with
+random weights carries a caption strip saying that its segments are meaningless.
 """
 
 from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from diffseg.io_utils import atomic_write_with
 
 __all__ = [
+    "RANDOM_WEIGHTS_CAPTION",
+    "add_caption",
     "colorize",
     "edges",
     "image_to_uint8",
     "make_overlay",
     "palette",
+    "png_metadata",
     "save_overlay",
     "save_png",
     "save_segments_png",
 ]
+
+#: The caption of every overlay made with random weights.
+RANDOM_WEIGHTS_CAPTION = "RANDOM WEIGHTS - these segments are meaningless (code-path check only)"
+#: Prefix of the PNG text keys written here.
+METADATA_PREFIX = "diffseg:"
 
 
 def palette(n: int) -> np.ndarray:
@@ -97,6 +114,7 @@ def make_overlay(
     segments: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray | None = None,
     alpha: float = 0.5,
+    caption: str | None = None,
 ) -> np.ndarray:
     """Side-by-side panels: image | segments (colour) | image blended with segments and edges
     [| ground truth (colour, unlabelled black) when ``label`` is given].
@@ -104,11 +122,13 @@ def make_overlay(
     Args:
         image: (3, H, W) float in [-1, 1] at any size (resized to the segments' size), or an
             (H, W, 3) uint8 array at the segments' size.
-        segments: (S, S) integer segment ids.
+        segments: (S, S) integer segment ids (or (H, W) with a uint8 image of that size; -1 =
+            not segmented, drawn black).
         label: optional (S, S) integer classes, -1 = unlabelled.
+        caption: optional text on a red strip above the panels (see :func:`add_caption`).
 
     Returns:
-        (S, k * S + gaps, 3) uint8.
+        (S, k * S + gaps, 3) uint8, plus the strip's height in rows with a caption.
     """
     seg = _to_numpy(segments)
     h, w = seg.shape
@@ -133,36 +153,108 @@ def make_overlay(
         if k:
             row.append(gap)
         row.append(panel)
-    return np.concatenate(row, axis=1)
+    out = np.concatenate(row, axis=1)
+    return add_caption(out, caption) if caption else out
 
 
-def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write a uint8/uint16 array as PNG atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def add_caption(picture: np.ndarray, text: str) -> np.ndarray:
+    """``picture`` (H, W, 3) uint8 with a dark red strip holding ``text`` in white on top.
+
+    The strip is 1/12 of the width tall (16 to 64 rows) and the text is shrunk to fit the
+    width (down to 8 px; below that only the part before " - " is kept), so the caption stays
+    readable on a small overlay.
+    """
+    width = picture.shape[1]
+    height = max(16, min(64, width // 12))
+    strip = Image.new("RGB", (width, height), (160, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    size = max(8, int(height * 0.6))
+    font = _font(size)
+    while draw.textlength(text, font=font) > width - 8:
+        if size > 8:
+            size -= 1
+        elif " - " in text:  # too narrow for the whole caption: keep its first clause
+            text = text.split(" - ")[0]
+        else:
+            break
+        font = _font(size)
+    draw.text((4, height // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.concatenate([np.asarray(strip, dtype=np.uint8), picture], axis=0)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px (a fixed small bitmap font without FreeType)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 
-def save_segments_png(path: str | os.PathLike, segments: torch.Tensor | np.ndarray) -> Path:
+def png_metadata(
+    metadata: Mapping[str, object] | None = None, random_weights: bool | None = None
+) -> dict[str, str]:
+    """PNG text entries: ``metadata`` keys get the ``diffseg:`` prefix (unless they hold a
+    ':' already), booleans are written ``true``/``false``, None values are left out;
+    ``random_weights`` (when not None) adds ``diffseg:random_weights``."""
+    items = dict(metadata or {})
+    if random_weights is not None:
+        items["random_weights"] = bool(random_weights)
+    out = {}
+    for key, value in items.items():
+        if value is None:
+            continue
+        name = key if ":" in key else METADATA_PREFIX + key
+        out[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+def save_png(
+    path: str | os.PathLike, array: np.ndarray, metadata: Mapping[str, object] | None = None
+) -> Path:
+    """Write a uint8/uint16 array as PNG atomically (temp file in the same folder, then
+    rename), mode 0666 & ~umask. ``metadata`` goes in as PNG text (see :func:`png_metadata`)."""
+    info = None
+    if metadata:
+        info = PngInfo()
+        for key, value in png_metadata(metadata).items():
+            info.add_text(key, value)
+    img = Image.fromarray(array)
+    return atomic_write_with(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def save_segments_png(
+    path: str | os.PathLike,
+    segments: torch.Tensor | np.ndarray,
+    metadata: Mapping[str, object] | None = None,
+    random_weights: bool | None = None,
+) -> Path:
     """Save (H, W) segment ids exactly as predicted (not renumbered: the metric depends on them).
 
-    8-bit grayscale when every id is < 256, else 16-bit; ``eval.score`` reads both.
+    8-bit grayscale when every id is < 256, else 16-bit; ``eval.score`` reads both. Pixels
+    -1 ("not segmented", e.g. a photo's borders outside the centre crop, see
+    ``diffseg.data.transforms.to_original_size``) are stored as the format's largest value
+    (255 or 65535), which no id may then use, and named in the text entry
+    ``diffseg:unsegmented``. ``metadata``/``random_weights``: PNG text (:func:`png_metadata`).
     """
     seg = _to_numpy(segments).astype(np.int64)
     if seg.ndim != 2:
         raise ValueError(f"segments must have shape (H, W), got {seg.shape}")
-    if seg.size and (seg.min() < 0 or seg.max() > 65535):
-        raise ValueError(f"segment ids must lie in [0, 65535], got [{seg.min()}, {seg.max()}]")
-    dtype = np.uint8 if seg.max(initial=0) < 256 else np.uint16
-    return save_png(path, seg.astype(dtype))
+    unsegmented = seg == -1
+    ids = seg[~unsegmented]
+    top = 65535 if unsegmented.any() else 65536
+    if ids.size and (ids.min() < 0 or ids.max() >= top):
+        raise ValueError(
+            f"segment ids must lie in [0, {top - 1}] (-1 = not segmented), got "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+    eight_bit = ids.max(initial=0) < (255 if unsegmented.any() else 256)
+    dtype = np.uint8 if eight_bit else np.uint16
+    text = dict(png_metadata(metadata, random_weights))
+    if unsegmented.any():
+        fill = int(np.iinfo(dtype).max)
+        seg = np.where(unsegmented, fill, seg)
+        text[METADATA_PREFIX + "unsegmented"] = str(fill)
+    return save_png(path, seg.astype(dtype), text)
 
 
 def save_overlay(
@@ -170,6 +262,17 @@ def save_overlay(
     image: torch.Tensor | np.ndarray,
     segments: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray | None = None,
+    random_weights: bool | None = None,
+    caption: str | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """``make_overlay`` written to ``path`` as PNG (atomically)."""
-    return save_png(path, make_overlay(image, segments, label))
+    """``make_overlay`` written to ``path`` as PNG (atomically).
+
+    ``random_weights=True`` puts :data:`RANDOM_WEIGHTS_CAPTION` on top (unless ``caption``
+    gives another text) and writes ``diffseg:random_weights=true``; ``metadata`` adds PNG text
+    such as ``{"method": "diffseg", "backbone": "tiny"}`` (see :func:`png_metadata`).
+    """
+    if caption is None and random_weights:
+        caption = RANDOM_WEIGHTS_CAPTION
+    picture = make_overlay(image, segments, label, caption=caption)
+    return save_png(path, picture, png_metadata(metadata, random_weights))

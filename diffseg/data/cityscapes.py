@@ -1,11 +1,11 @@
-"""Cityscapes-27: labelIds 7..33 -> classes 0..26, every other id unlabelled."""
+"""Cityscapes-27: labelIds 7..33 -> classes 0..26, 0..6 unlabelled, any other value an error."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffseg.data.base import IGNORE_INDEX, LabelledDataset, make_lut
+from diffseg.data.base import _INVALID, IGNORE_INDEX, LabelledDataset, make_lut
 from diffseg.data.cocostuff import read_id_list
 from diffseg.data.paths import default_data_root
 
@@ -40,6 +40,8 @@ CITYSCAPES27_CLASSES = [
     "bicycle",
 ]
 FIRST_LABEL_ID = 7
+#: The largest labelId of the official label set (33, "bicycle"); the files hold 0..33 only.
+LAST_LABEL_ID = 33
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 PREPARE_COMMAND = "python datasets/prepare_cityscapes.py --root {root}"
@@ -60,7 +62,9 @@ def cityscapes_layout_help(root: Path, split: str = "val") -> str:
 
 class Cityscapes27(LabelledDataset):
     """Cityscapes-27 (SPEC section 6): every ``*_leftImg8bit.png`` of the split with its
-    ``*_gtFine_labelIds.png``; labelIds 7..33 map to 0..26, all else to -1 (ignored).
+    ``*_gtFine_labelIds.png``; labelIds 7..33 map to 0..26, 0..6 (void classes) to -1
+    (ignored). Any other stored value (34..255, or wider) cannot come from the official files,
+    so reading it is an error naming the file and the value, as for COCO-Stuff.
 
     Args:
         root: the dataset folder; None means ``default_data_root() / "cityscapes"``.
@@ -74,7 +78,7 @@ class Cityscapes27(LabelledDataset):
     """
 
     name = "cityscapes"
-    _allowed_values = "any labelId (7..33 are classes, others unlabelled)"
+    _allowed_values = "labelIds 0..33 (7..33 are classes, 0..6 unlabelled)"
 
     def __init__(
         self,
@@ -128,12 +132,14 @@ class Cityscapes27(LabelledDataset):
                 f"{missing_labels[0]}. Nothing is skipped: extract gtFine_trainvaltest.zip.\n"
                 + cityscapes_layout_help(root, split)
             )
-        mapping = {FIRST_LABEL_ID + k: k for k in range(len(CITYSCAPES27_CLASSES))}
+        mapping = {v: IGNORE_INDEX for v in range(FIRST_LABEL_ID)}
+        mapping.update({v: v - FIRST_LABEL_ID for v in range(FIRST_LABEL_ID, LAST_LABEL_ID + 1)})
         super().__init__(
             ids,
             image_paths,
             label_paths,
-            lut=make_lut(mapping, default=IGNORE_INDEX),
+            # A damaged label must not pass as unlabelled: values outside 0..33 are errors.
+            lut=make_lut(mapping, default=_INVALID),
             class_names=CITYSCAPES27_CLASSES,
             image_size=image_size,
             label_size=label_size,

@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 CURATED_VAL_FILE = "coco_stuff27_val_curated.txt"
 FINE_TO_COARSE_FILE = "coco_stuff27_fine_to_coarse.json"
 PREPARE_COMMAND = "python datasets/prepare_cocostuff.py --root {root}"
+# How to evaluate a partial copy, with the options as typed for each entry point (the curated
+# list is checked before any limit=, so limit= alone does not help).
+SUBSET_HELP = (
+    ", or evaluate the images you have: with run.py add dataset.curated=false (every labelled "
+    "image present) or dataset.ids_file=<file with one id per line>; with python -m eval.score "
+    "add --no-curated or --ids-file <file>; from Python pass curated=False or ids_file=. "
+    "Such a subset is not the 2175-image benchmark."
+)
 _SPLITS = {"val": "val2017", "val2017": "val2017", "train": "train2017", "train2017": "train2017"}
 
 
@@ -60,8 +68,8 @@ def coco_layout_help(root: Path, folder: str = "val2017") -> str:
         "255 = unlabelled)\n"
         f"Prepare it with: {PREPARE_COMMAND.format(root=root)}"
         + ("" if folder == "val2017" else f" --split {folder[:-4]} --all")
-        + "  (see datasets/README.md), or "
-        "point root= or the DIFFSEG_DATA environment variable at an existing copy."
+        + "  (see datasets/README.md), or point at an existing copy with dataset.root=DIR "
+        "(run.py), --root DIR (python -m eval.score) or the DIFFSEG_DATA environment variable."
     )
 
 
@@ -129,7 +137,8 @@ class CocoStuff27(LabelledDataset):
         if uses_curated_list and folder != "val2017":
             raise ValueError(
                 f"the curated COCO-Stuff-27 list covers val2017 only; for split {split!r} use "
-                "curated=False or give ids=/ids_file="
+                "dataset.curated=false or dataset.ids_file=FILE (run.py), --no-curated or "
+                "--ids-file FILE (python -m eval.score), curated=False or ids_file= (Python)"
             )
 
         image_dir, label_dir = root / "images" / folder, root / "annotations" / folder
@@ -161,7 +170,10 @@ class CocoStuff27(LabelledDataset):
             raise FileNotFoundError(
                 f"{len(missing)} of the {2 * len(ids)} image and label files of COCO-Stuff "
                 f"{folder} ({len(ids)} ids) are missing, first: {missing[0]}. Nothing is "
-                "skipped: complete the dataset.\n" + coco_layout_help(root, folder)
+                "skipped: complete the dataset"
+                + (SUBSET_HELP if uses_curated_list else ".")
+                + "\n"
+                + coco_layout_help(root, folder)
             )
 
         meta = load_coco_stuff27_metadata(mapping_file)

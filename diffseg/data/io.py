@@ -4,6 +4,10 @@ Images are decoded with Pillow, which never applies the EXIF orientation tag (th
 files are used as stored, as the reference's ``tf.io.decode_jpeg`` does) and raises on
 truncated files instead of returning a partly grey picture. Labels are read as the integers
 stored in the PNG: a palette PNG gives its indices, never its colours.
+
+A file that cannot be used raises a :class:`DataFileError` (a ``diffseg.errors.DataError``)
+with one message naming the file and the fix. Raised in a ``DataLoader`` worker, it reaches the
+main process as the same type with the same one message (see :class:`DataFileError`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from diffseg.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataFileError",
+    "MissingFileError",
+    "UnreadableFileError",
+    "read_image_rgb",
+    "read_label",
+]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Pillow modes holding integers wider than 8 bits (16-bit PNGs and the like).
@@ -21,20 +36,68 @@ _WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _LABEL_MODES = ("L", "P", "1", *_WIDE_INT_MODES)
 
 
+class DataFileError(DataError):
+    """A data file that cannot be used: the message names it (and the value) and the fix.
+
+    The constructor takes the message only, which is what lets a ``DataLoader`` re-raise it
+    in the main process as the same type: torch rebuilds a worker's exception as
+    ``type(message)`` with the message "Caught <type> in DataLoader worker process N.
+    Original Traceback ...". Given such a message, the constructor keeps only the original
+    message, so the main process sees the one clean line and not the worker's traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_unwrap_worker_message(str(message), type(self)))
+
+
+def _unwrap_worker_message(text: str, cls: type) -> str:
+    """The original message inside torch's worker re-raise text, else ``text`` unchanged."""
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    # The traceback ends with "<module>.<qualname>: <message>" (format_exception_only).
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    at = text.rfind(f"\n{name}: ")
+    return text[at + len(name) + 3 :].strip() if at >= 0 else text
+
+
+class UnreadableFileError(DataFileError, OSError):
+    """A corrupt, truncated, empty or non-image file (also an ``OSError``, as before)."""
+
+
+class MissingFileError(DataFileError, FileNotFoundError):
+    """A data file that disappeared after the dataset was built (also ``FileNotFoundError``)."""
+
+
 def _open(path: Path, what: str) -> Image.Image:
     """Open and fully decode ``path``; a missing or undecodable file raises one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise MissingFileError(
+            f"{what} file not found: {path}; it was listed when the dataset was built: "
+            "restore it or rebuild the dataset."
+        )
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(
+            f"{what} file {path} is empty (0 bytes): copy it again or delete it."
+        )
     try:
         with Image.open(path) as img:
             img.load()
             return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise OSError(
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
+        # from None: the reason is in the message; Pillow's own traceback adds nothing to fix.
+        raise UnreadableFileError(
             f"cannot decode {what} file {path} ({type(err).__name__}: {err}); the file is "
             "corrupt, truncated or not an image: re-extract or re-download it."
-        ) from err
+        ) from None
 
 
 def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -77,7 +140,7 @@ def read_label(path: str | Path) -> np.ndarray:
     path = Path(path)
     img = _open(path, "label")
     if img.mode not in _LABEL_MODES:
-        raise ValueError(
+        raise DataFileError(
             f"label file {path} is a {img.mode} image; a label map must be a single-channel "
             "PNG whose pixel values are class ids (8-bit grayscale, palette or 16-bit). A "
             "colour visualisation (such as Cityscapes' *_gtFine_color.png) cannot be used."

@@ -144,3 +144,119 @@ def preprocess_label(label: np.ndarray, label_size: int) -> np.ndarray:
     """A label map (H, W) (any integer dtype, class mapping before or after: nearest resize
     only copies values) to (label_size, label_size): crop, then nearest resize."""
     return resize_label(center_crop_square(label), label_size)
+
+
+# ----------------------------------------------------------------------------- own photos
+# The benchmarks always take the centre square (the paper's protocol). A folder of one's own
+# photos may instead pad to a square or squash to one, and its predictions are mapped back to
+# the photo's own size with :func:`to_original_size`.
+
+#: Ways to make a photo square: the paper's centre crop, padding, or squashing.
+CROP_MODES = ("center", "pad", "resize")
+#: Value of the padding of ``crop="pad"`` in 0..255: mid-grey, exactly 0.0 in the model range.
+PAD_VALUE = 127.5
+
+
+def check_crop(crop: str) -> str:
+    """``crop`` if it is one of :data:`CROP_MODES`, else a ValueError naming the choices."""
+    if crop not in CROP_MODES:
+        raise ValueError(
+            f"crop must be one of {', '.join(CROP_MODES)} (dataset.crop= with run.py), got {crop!r}"
+        )
+    return crop
+
+
+def crop_window(height: int, width: int, crop: str = "center") -> tuple[int, int, int, int]:
+    """The window of the stored image that becomes the square model input.
+
+    Returns ``(top, left, box_height, box_width)`` in the stored image's pixel coordinates:
+    ``center``: the centre square (inside the image); ``pad``: the square of side
+    max(H, W) centred on the image (``top``/``left`` <= 0; what lies outside the image is
+    padding); ``resize``: the whole image (0, 0, H, W), squashed to a square.
+    """
+    check_crop(crop)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"cannot crop an empty image of size {height}x{width}")
+    if crop == "center":
+        top, left, side = center_crop_box(height, width)
+        return top, left, side, side
+    if crop == "pad":
+        side = max(height, width)
+        return -((side - height) // 2), -((side - width) // 2), side, side
+    return 0, 0, height, width
+
+
+def preprocess_image_crop(rgb: np.ndarray, image_size: int, crop: str = "center") -> torch.Tensor:
+    """:func:`preprocess_image` with a choice of how to make the photo square.
+
+    ``center`` is exactly :func:`preprocess_image`. ``pad`` pads the photo, centred, to a
+    square of side max(H, W) with constant mid-grey (:data:`PAD_VALUE`, 0.0 in the model
+    range: no edge streaks, and the padding is one flat region), then resizes. ``resize``
+    squashes the whole photo to the square (aspect ratio not kept). Resizing is the same
+    bilinear, no-antialias resize as the benchmarks'.
+
+    Returns:
+        float32 tensor (3, image_size, image_size) in [-1, 1].
+    """
+    if check_crop(crop) == "center":
+        return preprocess_image(rgb, image_size)
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.float32)
+    if crop == "pad":
+        top, left, side, _ = crop_window(rgb.shape[0], rgb.shape[1], "pad")
+        bottom, right = side - rgb.shape[0] + top, side - rgb.shape[1] + left
+        x = F.pad(x, (-left, right, -top, bottom), value=PAD_VALUE)
+    return to_model_range(resize_image(x, image_size))
+
+
+def to_original_size(
+    segments: ArrayOrTensor,
+    orig_size: tuple[int, int] | torch.Tensor | np.ndarray,
+    crop: str = "center",
+    fill: int | None = -1,
+) -> ArrayOrTensor:
+    """Map a square prediction back onto the photo it was made from.
+
+    Each photo pixel takes the segment at its position in the square (nearest, half-pixel
+    centres, like :func:`resize_label`): for ``resize`` this is a nearest resize to (H, W),
+    for ``pad`` the padding is cut away. With ``center``, the photo's borders outside the
+    centre square were never segmented: they get ``fill`` (-1, "not segmented", drawn black
+    by ``diffseg.overlay.colorize``), or with ``fill=None`` the nearest segment (extended
+    outwards; prettier, but it claims pixels the model never saw).
+
+    Args:
+        segments: (S, S) integer segment ids (numpy or torch, any device).
+        orig_size: the photo's (H, W), e.g. an item's ``orig_size``.
+        crop: the crop mode the item was made with (an item's ``crop``).
+
+    Returns:
+        the same type, int64, (H, W).
+    """
+    height, width = (int(v) for v in orig_size)
+    top, left, box_h, box_w = crop_window(height, width, crop)
+    size = segments.shape[-1]
+    if segments.shape[-2:] != (size, size) or segments.ndim != 2:
+        raise ValueError(f"segments must be square (S, S), got {tuple(segments.shape)}")
+    rows, row_in = _source_indices(height, top, box_h, size)
+    cols, col_in = _source_indices(width, left, box_w, size)
+    if isinstance(segments, torch.Tensor):
+        dev = segments.device
+        out = segments.to(torch.int64)[
+            torch.from_numpy(rows).to(dev)[:, None], torch.from_numpy(cols).to(dev)[None, :]
+        ]
+        if fill is not None:
+            outside = ~torch.from_numpy(row_in[:, None] & col_in[None, :]).to(dev)
+            out = out.masked_fill(outside, fill)
+        return out
+    out = np.asarray(segments).astype(np.int64)[rows[:, None], cols[None, :]]
+    if fill is not None:
+        out[~(row_in[:, None] & col_in[None, :])] = fill
+    return out
+
+
+def _source_indices(length: int, start: int, box: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For photo positions 0..length-1 along one axis: the index in the square (clamped to
+    0..size-1) and whether the position lies inside the window [start, start + box)."""
+    pos = np.arange(length, dtype=np.int64) - start
+    inside = (pos >= 0) & (pos < box)
+    index = np.clip(((2 * pos + 1) * size) // (2 * box), 0, size - 1)
+    return index, inside
