@@ -1,0 +1,252 @@
+"""SeeDiff: one Stable Diffusion generation -> an image and the binary mask of its class.
+
+The denoising loop is diffusers' own ``StableDiffusionPipeline``; SeeDiff only installs the
+recording processors of :mod:`diffseg.seediff.recording` for the call, then turns the recorded
+attention into a mask (:mod:`diffseg.seediff.algorithm`)::
+
+    from diffseg.seediff import SeeDiff
+    seediff = SeeDiff()                                     # the released demo's constants
+    image, mask, info = seediff.generate(pipe, "dog", seed=200000)
+    # image: uint8 (512, 512, 3) RGB; mask: bool (512, 512); info: prompt, seed, area, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .algorithm import FLAT_LAYER_WEIGHT, VARIANCE_FLOOR, refine_mask
+from .algorithm import soft_mask as _soft_mask
+from .recording import DEFAULT_CHUNK_ELEMENTS, AttentionRecorder
+from .tokens import MULTI_TOKEN_RULES, class_token_positions, format_prompt
+
+__all__ = ["SD_SCHEDULER_CONFIG", "SeeDiff", "as_pipeline", "sd_scheduler"]
+
+#: SD v1.4's scheduler (scheduler/scheduler_config.json on the hub): PNDM, PLMS steps only.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def sd_scheduler():
+    """A fresh ``PNDMScheduler`` configured as SD v1.4's."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(**SD_SCHEDULER_CONFIG)
+
+
+def as_pipeline(model) -> Any:
+    """A ``StableDiffusionPipeline`` from a pipeline (returned as is) or from anything holding
+    ``vae``, ``unet``, ``text_encoder`` and ``tokenizer`` (e.g. a
+    :class:`~diffseg.backbone.StableDiffusionBackbone`), with SD v1.4's PNDM scheduler and no
+    safety checker (the release runs none)."""
+    from diffusers import StableDiffusionPipeline
+
+    if isinstance(model, StableDiffusionPipeline):
+        return model
+    parts = ("vae", "unet", "text_encoder", "tokenizer")
+    if not all(hasattr(model, p) for p in parts):
+        raise TypeError(
+            f"expected a StableDiffusionPipeline or an object with {', '.join(parts)}; "
+            f"got {type(model).__name__}"
+        )
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class SeeDiff:
+    """SeeDiff's generation settings; every default is the released demo's.
+
+    Args:
+        threshold: on the soft mask before refinement (0.3).
+        refine: PAMR refinement (the demo) or not (the batch script: ``soft > unrefined_threshold``).
+        refine_threshold: on the min-max normalised PAMR output (0.8).
+        unrefined_threshold: on the soft mask when ``refine`` is False (0.5).
+        pamr_iterations, pamr_sigma: PAMR's iterations (5000) and sigma factor (0.2).
+        prompt_template: with a ``{class}`` placeholder ("A photo of a {class}"; the batch script
+            uses "A long shot of a {class}").
+        num_inference_steps, guidance_scale: the pipeline's steps (50) and CFG scale (7).
+        multi_token: which sub-tokens of a split class name are recorded, see
+            :mod:`diffseg.seediff.tokens` ("all", "first", "last").
+        image_size: side of the generated image (512; the recorded grids are size / 32, / 16, / 8).
+        variance_floor, flat_weight: the flat-layer rule of the seed map (1e-4, 0.01).
+        chunk_elements: bound on the float32 attention scores held at once while recording.
+    """
+
+    threshold: float = 0.3
+    refine: bool = True
+    refine_threshold: float = 0.8
+    unrefined_threshold: float = 0.5
+    pamr_iterations: int = 5000
+    pamr_sigma: float = 0.2
+    prompt_template: str = "A photo of a {class}"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.0
+    multi_token: str = "all"
+    image_size: int = 512
+    variance_floor: float = VARIANCE_FLOOR
+    flat_weight: float = FLAT_LAYER_WEIGHT
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    _pipelines: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "refine_threshold", "unrefined_threshold"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.num_inference_steps < 1 or self.pamr_iterations < 0:
+            raise ValueError("num_inference_steps must be >= 1 and pamr_iterations >= 0")
+        if self.image_size < 64 or self.image_size % 64:
+            raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
+        if self.multi_token not in MULTI_TOKEN_RULES:
+            raise ValueError(
+                f"multi_token must be one of {MULTI_TOKEN_RULES}, got {self.multi_token!r}"
+            )
+        format_prompt(self.prompt_template, "x")  # raises without the {class} placeholder
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (written with every generated image)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    # ------------------------------------------------------------------ the mask
+
+    def soft_mask(
+        self, cross16: Tensor, self_attention: dict[int, Tensor], size: int = 512
+    ) -> Tensor:
+        """The soft mask: float32 (size, size) in [0, 1] on the descriptors' device.
+
+        Args:
+            cross16: (L, 16, 16) the class token's head-summed, step-averaged cross-attention of
+                the recorded layers (``up_blocks[1]`` x3 then ``down_blocks[2]`` x2).
+            self_attention: ``{16: (256, 256), 32: (1024, 1024), 64: (4096, 4096)}``
+                head-summed descriptors.
+        """
+        return _soft_mask(cross16, self_attention, size, self.variance_floor, self.flat_weight)
+
+    def mask(self, soft: Tensor, image: Any) -> Tensor:
+        """The binary mask: bool (size, size) on the soft mask's device.
+
+        ``refine``: ``soft > threshold``, then PAMR over ``image`` (uint8-valued RGB (H, W, 3),
+        numpy or tensor), min-max, ``> refine_threshold``. Otherwise ``soft > unrefined_threshold``.
+        """
+        if not self.refine:
+            return soft > self.unrefined_threshold
+        rgb = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image)
+        return refine_mask(
+            soft > self.threshold,
+            rgb,
+            num_iter=self.pamr_iterations,
+            sigma_scale=self.pamr_sigma,
+            threshold=self.refine_threshold,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def pipeline(self, model) -> Any:
+        """The pipeline for ``model`` (built once per backbone object and cached)."""
+        key = id(model)
+        if key not in self._pipelines:
+            self._pipelines[key] = (model, as_pipeline(model))
+        return self._pipelines[key][1]
+
+    def initial_latent(self, pipe, seed: int) -> Tensor:
+        """``torch.randn((1, C, size/8, size/8))`` from a CPU generator seeded with ``seed``, in
+        float32 (the same draw whatever the model's dtype or device), then moved to the UNet."""
+        side = self.image_size // pipe.vae_scale_factor
+        generator = torch.Generator().manual_seed(int(seed))
+        latent = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=generator)
+        return latent.to(device=pipe.device, dtype=pipe.unet.dtype)
+
+    def generate(self, model, class_name: str, seed: int) -> tuple[np.ndarray, Tensor, dict]:
+        """Generate one image of ``class_name`` and its mask.
+
+        Args:
+            model: a ``StableDiffusionPipeline`` or a :class:`~diffseg.backbone.StableDiffusionBackbone`.
+            class_name: e.g. "dog", "potted plant".
+            seed: seeds the CPU generator of the initial latent.
+
+        Returns:
+            ``(image, mask, info)``: uint8 (size, size, 3) RGB numpy; bool (size, size) CPU tensor;
+            a JSON-able dict (prompt, seed, token positions and strings, UNet calls, mask area,
+            recorded bytes, seconds, random_weights).
+        """
+        start = time.perf_counter()
+        pipe = self.pipeline(model)
+        prompt = format_prompt(self.prompt_template, class_name)
+        positions = class_token_positions(
+            pipe.tokenizer, self.prompt_template, class_name, self.multi_token
+        )
+        recorder = AttentionRecorder(
+            positions,
+            guidance=pipe_uses_guidance(pipe, self.guidance_scale),
+            chunk_elements=self.chunk_elements,
+        )
+        guided = recorder.guidance
+        with torch.inference_mode():
+            # encoded here so a float32 text encoder can drive a float16 UNet
+            cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, guided)
+            dtype = pipe.unet.dtype
+            cond, uncond = cond.to(dtype), None if uncond is None else uncond.to(dtype)
+        with torch.inference_mode(), recorder.installed(pipe.unet):
+            out = pipe(
+                prompt_embeds=cond,
+                negative_prompt_embeds=uncond,
+                height=self.image_size,
+                width=self.image_size,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                latents=self.initial_latent(pipe, seed),
+                output_type="np",
+            )
+        # the pipeline's own PIL conversion: round(x * 255)
+        image = (out.images[0] * 255).round().astype(np.uint8)
+        with torch.inference_mode():
+            selfs = {r: m[0] for r, m in recorder.self_maps().items()}
+            soft = self.soft_mask(recorder.cross_maps()[0], selfs, size=self.image_size)
+            mask = self.mask(soft, torch.from_numpy(image)).cpu()
+        info = {
+            "class": class_name,
+            "prompt": prompt,
+            "seed": int(seed),
+            "token_positions": positions,
+            "tokens": [pipe.tokenizer.decode([i]) for i in _prompt_ids(pipe, prompt, positions)],
+            "unet_calls": recorder.num_calls,
+            "mask_area": float(mask.float().mean()),
+            "recorded_bytes": recorder.nbytes(),
+            "seconds": round(time.perf_counter() - start, 3),
+            "random_weights": bool(getattr(model, "is_random", False)),
+        }
+        return image, mask, info
+
+
+def pipe_uses_guidance(pipe, guidance_scale: float) -> bool:
+    """Whether diffusers' pipeline batches ``[unconditional, conditional]`` at this scale (its
+    ``do_classifier_free_guidance``: scale > 1 and no guidance-embedding UNet)."""
+    return guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+def _prompt_ids(pipe, prompt: str, positions: list[int]) -> list[int]:
+    ids = pipe.tokenizer(prompt, truncation=True).input_ids
+    return [ids[p] for p in positions]
