@@ -18,10 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .features import ALL, FeatureRequest, Features
 from .kmeans import cluster_means, kmeans
 from .segmentor import (
     WeightsArg,
     _aggregate,
+    attention_of,
+    check_hints,
     proposals_to_labels,
     resolution_weights,
     validate_maps,
@@ -48,9 +51,10 @@ class KMeansSegmentor:
         seed: int = 0,
         weights: WeightsArg = "proportional",
         resolutions: Sequence[int] | None = None,
-        map_size: int = 64,
+        map_size: int | None = None,
         max_iter: int = 300,
         tol: float = 1e-4,
+        timestep: int | None = None,
     ) -> None:
         if num_clusters is not None and int(num_clusters) < 1:
             raise ValueError(f"num_clusters must be >= 1 or None (K-Means-S), got {num_clusters}")
@@ -58,14 +62,21 @@ class KMeansSegmentor:
         self.seed = int(seed)
         self.weights = weights
         self.resolutions = None if resolutions is None else [int(r) for r in resolutions]
-        self.map_size = int(map_size)
+        self.map_size = None if map_size is None else int(map_size)
         self.max_iter = int(max_iter)
         self.tol = float(tol)
+        self.timestep = None if timestep is None else int(timestep)
+        self.check_inputs = True
 
     @property
-    def needs_num_classes(self) -> bool:
-        """True for K-Means-S: ``segment`` needs the number of ground-truth classes per image."""
-        return self.num_clusters is None
+    def hints(self) -> tuple[str, ...]:
+        """Per-image inputs :meth:`segment` takes: K-Means-S needs ``num_classes``."""
+        return ("num_classes",) if self.num_clusters is None else ()
+
+    def feature_request(self) -> FeatureRequest:
+        """The same pass as DiffSeg: self-attention of every layer, no noise, empty prompt."""
+        grids = ALL if self.resolutions is None else tuple(self.resolutions)
+        return FeatureRequest(self_attention=grids, timestep=self.timestep)
 
     @property
     def name(self) -> str:
@@ -83,6 +94,7 @@ class KMeansSegmentor:
             "map_size": self.map_size,
             "max_iter": self.max_iter,
             "tol": self.tol,
+            "timestep": self.timestep,
         }
 
     def __repr__(self) -> str:
@@ -114,41 +126,48 @@ class KMeansSegmentor:
         return [max(k, 1) for k in counts]
 
     def propose(
-        self, maps: Mapping[int, Tensor], num_clusters: int | Sequence[int] | Tensor | None = None
+        self,
+        maps: Features | Mapping[int, Tensor],
+        num_clusters: int | Sequence[int] | Tensor | None = None,
     ) -> list[Tensor]:
         """Cluster means per image: a list of ``(K_b, n, n)`` float32 tensors, ``K_b <= k_b``."""
-        batch, res = validate_maps(maps, self.resolutions, self.map_size)
+        maps = attention_of(maps)
+        n = self.map_size or max(int(r) for r in (self.resolutions or maps))
+        batch, res = validate_maps(maps, self.resolutions, n, self.check_inputs)
         w = resolution_weights(res, self.weights)
         counts = self._counts(batch, num_clusters)
-        n = self.map_size
         out = []
         for b in range(batch):
             one = {r: maps[r][b : b + 1] for r in res}
-            flat = _aggregate(one, 1, w, n).reshape(n * n, n * n)
+            flat = _aggregate(one, 1, w, n, self.check_inputs).reshape(n * n, n * n)
             km = kmeans(flat, counts[b], max_iter=self.max_iter, tol=self.tol, seed=self.seed)
             out.append(cluster_means(flat, km.labels, km.centers.shape[0]).reshape(-1, n, n))
         return out
 
     def segment(
         self,
-        maps: Mapping[int, Tensor],
+        features: Features | Mapping[int, Tensor],
         output_size: int = 512,
+        hints: Mapping[str, Any] | None = None,
+        *,
         num_clusters: int | Sequence[int] | Tensor | None = None,
-        **kwargs: Any,
     ) -> Tensor:
         """Segment a batch.
 
         Args:
-            maps: ``{r: (B, r*r, r*r)}`` attention probabilities.
+            features: a :class:`Features` with self-attention, or ``{r: (B, r*r, r*r)}``.
             output_size: side ``S`` of the label maps.
-            num_clusters: K-Means-S only: clusters per image (an int or ``B`` ints); 0 gives one
-                segment. Ignored by K-Means-C.
-            **kwargs: ignored, so callers can swap methods.
+            hints: K-Means-S: ``{"num_classes": B ints}``, the classes labelled in each image
+                (0 gives one segment). K-Means-C takes none.
+            num_clusters: the same as ``hints["num_classes"]``, by keyword.
 
         Returns:
-            int64 ``(B, S, S)`` segment ids on the device of ``maps``.
+            int64 ``(B, S, S)`` segment ids on the device of the maps.
         """
-        props = self.propose(maps, num_clusters)
+        hints = check_hints(self, hints)
+        if num_clusters is None:
+            num_clusters = hints.get("num_classes")
+        props = self.propose(features, num_clusters)
         return torch.stack([proposals_to_labels(p, output_size) for p in props])
 
 

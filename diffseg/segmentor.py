@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .features import ALL, FeatureRequest, Features
 from .kmeans import cluster_means, kmeans
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "aggregate_attention",
     "anchor_indices",
     "anchor_points",
+    "attention_of",
+    "check_hints",
     "first_merge",
     "greedy_groups",
     "greedy_merge",
@@ -123,13 +126,17 @@ def resolution_weights(
 
 
 def validate_maps(
-    maps: Mapping[int, Tensor], resolutions: Sequence[int] | None = None, out_res: int = 64
+    maps: Mapping[int, Tensor],
+    resolutions: Sequence[int] | None = None,
+    out_res: int = 64,
+    check_values: bool = True,
 ) -> tuple[int, list[int]]:
     """Check an attention dict and return ``(batch_size, resolutions_used)``.
 
     ``maps[r]`` must be a floating tensor ``(B, r*r, r*r)`` (query, key), finite and ``>= 0``, with
     the same ``B`` and device for every ``r``, and ``out_res % r == 0``. ``resolutions=None`` uses
     every key of ``maps`` (largest first). Raises ``ValueError`` naming the offending key.
+    ``check_values=False`` skips the value checks, the only ones that wait for the device.
     """
     if not isinstance(maps, Mapping) or len(maps) == 0:
         raise ValueError(
@@ -177,6 +184,8 @@ def validate_maps(
             )
         elif m.device != device:
             raise ValueError(f"maps[{r}] is on {m.device} but maps[{res[0]}] is on {device}")
+        if not check_values:
+            continue
         lo, hi = torch.aminmax(m)
         if not (bool(lo >= 0) and bool(torch.isfinite(hi))):
             n_neg = int((m < 0).sum())
@@ -228,8 +237,15 @@ def weights_json(weights: WeightsArg) -> str | list[float] | dict[str, float]:
     return [float(v) for v in weights]
 
 
-def _aggregate(maps: Mapping[int, Tensor], batch: int, w: dict[int, float], out_res: int) -> Tensor:
-    """:func:`aggregate_attention` on validated maps, with normalised weights ``{r: w_r}``."""
+def _aggregate(
+    maps: Mapping[int, Tensor],
+    batch: int,
+    w: dict[int, float],
+    out_res: int,
+    check_values: bool = True,
+) -> Tensor:
+    """:func:`aggregate_attention` on validated maps, with normalised weights ``{r: w_r}``
+    (``check_values=False``: no check for all-zero key maps, which waits for the device)."""
     res = list(w)
     n = out_res * out_res
 
@@ -242,7 +258,7 @@ def _aggregate(maps: Mapping[int, Tensor], batch: int, w: dict[int, float], out_
             )
         keys = keys.reshape(batch, r, r, n)
         sums = keys.sum(-1, keepdim=True)
-        if bool((sums <= 0).any()):
+        if check_values and bool((sums <= 0).any()):
             b, qy, qx, _ = (int(i) for i in torch.nonzero(sums <= 0)[0])
             raise ValueError(
                 f"maps[{r}] has a key map with zero total attention (image {b}, query row "
@@ -598,8 +614,17 @@ def proposals_to_labels(
 # --------------------------------------------------------------------------------------------
 
 
+def attention_of(features: Features | Mapping[int, Tensor]) -> Mapping[int, Tensor]:
+    """The ``{grid: (B, N, N)}`` self-attention of a :class:`Features` (or the dict itself)."""
+    if isinstance(features, Features):
+        if not features.self_attention:
+            raise ValueError("these features hold no self-attention maps; request them first")
+        return features.self_attention
+    return features
+
+
 class DiffSeg:
-    """DiffSeg with the release's defaults (SPEC sections 4-5).
+    """DiffSeg with the release's defaults (SPEC sections 4-5), on any backbone's grids.
 
     Args:
         kl_threshold: ``tau``; a float is used for every iteration, a list gives one per iteration
@@ -608,18 +633,23 @@ class DiffSeg:
         num_points: anchors per side ``M`` (``M*M`` anchors).
         refine: K-Means refinement of the proposals (off for every paper number).
         weights: aggregation weights (:func:`resolution_weights`), ``"proportional"`` by default.
-        resolutions: attention resolutions to use; all of ``maps`` when None.
-        map_size: side of the aggregated grid (64 for SD v1 at 512).
+        resolutions: attention grids to use; all of the maps' grids when None.
+        map_size: side of the aggregated grid; None = the largest grid of the maps (SD v1 at 512:
+            64; SD 2.1 at 768: 96; the SDXL family at 1024: 64, from its grids 64 and 32).
         min_prob: None (default) refuses aggregated maps with zero entries; a float floors them at
             ``min_prob`` and renormalises (for float16 attention that underflows to 0).
         refine_max_iter, refine_tol: K-Means settings of the refinement (scikit-learn's defaults).
+        timestep: the diffusion timestep of its feature request; None = the backbone's (300).
 
     ``segment(maps)`` processes the images of a batch one after the other: the aggregated maps of
     one image are ``map_size**4`` floats (64 MB at 64) and the number of proposals varies per image.
+    Set ``check_inputs = False`` to skip the input checks that wait for the device (the engine
+    checks the first batch of a run only).
     """
 
     name = "diffseg"
-    needs_num_classes = False
+    #: Per-image inputs :meth:`segment` takes through ``hints`` (none).
+    hints: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -629,10 +659,11 @@ class DiffSeg:
         refine: bool = False,
         weights: WeightsArg = "proportional",
         resolutions: Sequence[int] | None = None,
-        map_size: int = 64,
+        map_size: int | None = None,
         min_prob: float | None = None,
         refine_max_iter: int = 300,
         refine_tol: float = 1e-4,
+        timestep: int | None = None,
     ) -> None:
         if isinstance(kl_threshold, int | float):
             n = 3 if num_iterations is None else int(num_iterations)
@@ -647,7 +678,7 @@ class DiffSeg:
                     f"{num_iterations}; give one threshold per iteration or a single float"
                 )
         self.thresholds = _check_thresholds(taus)
-        if num_points < 1 or num_points > map_size:
+        if num_points < 1 or (map_size is not None and num_points > map_size):
             raise ValueError(f"num_points must be in [1, map_size={map_size}], got {num_points}")
         if min_prob is not None and not (0 < min_prob < 1):
             raise ValueError(f"min_prob must be None or in (0, 1), got {min_prob}")
@@ -657,11 +688,13 @@ class DiffSeg:
         self.refine = bool(refine)
         self.weights = weights
         self.resolutions = None if resolutions is None else [int(r) for r in resolutions]
-        self.map_size = int(map_size)
+        self.map_size = None if map_size is None else int(map_size)
         self.min_prob = min_prob
         self.refine_max_iter = int(refine_max_iter)
         self.refine_tol = float(refine_tol)
-        self.anchors = anchor_indices(self.num_points, self.map_size)
+        self.timestep = None if timestep is None else int(timestep)
+        self.check_inputs = True
+        self._anchors: dict[int, Tensor] = {}
 
     @property
     def kl_threshold(self) -> float | list[float]:
@@ -671,6 +704,11 @@ class DiffSeg:
     @property
     def num_iterations(self) -> int:
         return len(self.thresholds)
+
+    def feature_request(self) -> FeatureRequest:
+        """Self-attention of every layer (or of :attr:`resolutions`), no noise, empty prompt."""
+        grids = ALL if self.resolutions is None else tuple(self.resolutions)
+        return FeatureRequest(self_attention=grids, timestep=self.timestep)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings."""
@@ -687,6 +725,7 @@ class DiffSeg:
             "min_prob": self.min_prob,
             "refine_max_iter": self.refine_max_iter,
             "refine_tol": self.refine_tol,
+            "timestep": self.timestep,
         }
 
     def __repr__(self) -> str:
@@ -695,14 +734,24 @@ class DiffSeg:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def aggregate(self, maps: Mapping[int, Tensor]) -> Tensor:
-        """:func:`aggregate_attention` with this instance's settings: ``(B, n*n, n, n)`` float32."""
-        return aggregate_attention(maps, self.weights, self.resolutions, self.map_size)
+    def grid_size(self, maps: Mapping[int, Tensor]) -> int:
+        """The aggregated grid's side for ``maps``: ``map_size``, or their largest grid."""
+        if self.map_size is not None:
+            return self.map_size
+        return max(int(r) for r in (self.resolutions or maps))
+
+    def anchors(self, size: int) -> Tensor:
+        """Flat anchor indices on a ``size`` grid (:func:`anchor_indices`), cached."""
+        if size not in self._anchors:
+            self._anchors[size] = anchor_indices(self.num_points, size)
+        return self._anchors[size]
 
     def _positive(self, flat: Tensor) -> Tensor:
         if self.min_prob is not None:
             flat = flat.clamp_min(self.min_prob)
             return flat / flat.sum(-1, keepdim=True)
+        if not self.check_inputs:
+            return flat
         lo = flat.amin()
         if not bool(lo > 0):
             n_zero = int((flat <= 0).sum())
@@ -718,22 +767,22 @@ class DiffSeg:
         """Merging (+ refinement if on) of aggregated maps.
 
         Args:
-            aggregated: ``(B, n*n, n, n)`` from :meth:`aggregate` (or ``(n*n, n, n)``).
+            aggregated: ``(B, n*n, n, n)`` from :func:`aggregate_attention` (or ``(n*n, n, n)``).
 
         Returns:
             One ``(K_b, n, n)`` float32 proposal tensor per image.
         """
         if aggregated.ndim == 3:
             aggregated = aggregated.unsqueeze(0)
-        n = self.map_size
+        n = aggregated.shape[-1]
         if aggregated.ndim != 4 or aggregated.shape[1:] != (n * n, n, n):
             raise ValueError(
-                f"merge expects aggregated maps (B, {n * n}, {n}, {n}), got {tuple(aggregated.shape)}"
+                f"merge expects aggregated maps (B, n*n, n, n), got {tuple(aggregated.shape)}"
             )
         out = []
         for img in aggregated:
             flat = self._positive(img.reshape(n * n, n * n).float())
-            props = iterative_merge(flat, self.anchors, self.thresholds)
+            props = iterative_merge(flat, self.anchors(n), self.thresholds)
             if self.refine:
                 props = refine_proposals(flat, props, self.refine_max_iter, self.refine_tol)
             out.append(props.reshape(-1, n, n))
@@ -743,26 +792,46 @@ class DiffSeg:
         """:func:`proposals_to_labels`."""
         return proposals_to_labels(proposals, output_size)
 
-    def propose(self, maps: Mapping[int, Tensor]) -> list[Tensor]:
+    def propose(self, maps: Features | Mapping[int, Tensor]) -> list[Tensor]:
         """Aggregate + merge, image by image: one ``(K_b, n, n)`` proposal tensor per image."""
-        batch, res = validate_maps(maps, self.resolutions, self.map_size)
+        maps = attention_of(maps)
+        size = self.grid_size(maps)
+        if self.num_points > size:
+            raise ValueError(f"num_points={self.num_points} exceeds the {size}x{size} map grid")
+        batch, res = validate_maps(maps, self.resolutions, size, self.check_inputs)
         w = resolution_weights(res, self.weights)
         out = []
         for b in range(batch):
             one = {r: maps[r][b : b + 1] for r in res}
-            out.extend(self.merge(_aggregate(one, 1, w, self.map_size)))
+            out.extend(self.merge(_aggregate(one, 1, w, size, self.check_inputs)))
         return out
 
-    def segment(self, maps: Mapping[int, Tensor], output_size: int = 512, **kwargs: Any) -> Tensor:
+    def segment(
+        self,
+        features: Features | Mapping[int, Tensor],
+        output_size: int = 512,
+        hints: Mapping[str, Any] | None = None,
+    ) -> Tensor:
         """Segment a batch.
 
         Args:
-            maps: ``{r: (B, r*r, r*r)}`` attention probabilities (see :func:`aggregate_attention`).
+            features: a :class:`Features` with self-attention, or the maps themselves
+                ``{r: (B, r*r, r*r)}`` (see :func:`aggregate_attention`).
             output_size: side ``S`` of the label maps.
-            **kwargs: ignored (e.g. ``num_clusters``, which only K-Means-S uses), so callers can
-                swap methods.
+            hints: per-image extra inputs; DiffSeg takes none (a key is an error).
 
         Returns:
-            int64 ``(B, S, S)`` segment ids (proposal indices) on the device of ``maps``.
+            int64 ``(B, S, S)`` segment ids (proposal indices) on the device of the maps.
         """
-        return torch.stack([self.nms(p, output_size) for p in self.propose(maps)])
+        check_hints(self, hints)
+        return torch.stack([self.nms(p, output_size) for p in self.propose(features)])
+
+
+def check_hints(method: Any, hints: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``hints`` as a dict, or ``ValueError`` for a key ``method.hints`` does not list."""
+    hints = dict(hints or {})
+    unknown = sorted(set(hints) - set(getattr(method, "hints", ())))
+    if unknown:
+        takes = ", ".join(method.hints) or "none"
+        raise ValueError(f"{type(method).__name__} takes no hint {unknown} (it takes: {takes})")
+    return hints

@@ -18,7 +18,7 @@ def test_kmeans_c_finds_six_regions_at_full_size():
     maps = sa.make_maps(labels, 6.0, noise=0.3, seed=1)
     method = kmeans_c()
     assert (
-        method.num_clusters == 6 and method.needs_num_classes is False and method.name == "kmeans_c"
+        method.num_clusters == 6 and method.hints == () and method.name == "kmeans_c"
     )
     pred = method.segment(maps, output_size=64)
     assert pred.shape == (1, 64, 64) and pred.dtype == torch.int64
@@ -56,7 +56,8 @@ def test_kmeans_s_uses_per_image_counts():
     )
     maps = sa.make_maps(labels, 6.0, resolutions=SMALL)
     method = kmeans_s(map_size=16)
-    assert method.needs_num_classes is True and method.name == "kmeans_s"
+    assert method.hints == ("num_classes",) and method.name == "kmeans_s"
+    via_hints = method.segment(maps, output_size=16, hints={"num_classes": [2, 4, 6]})
     with pytest.raises(ValueError, match="num_clusters=\\[k_1"):
         method.segment(maps)
     with pytest.raises(ValueError, match="2 entries for a batch of 3"):
@@ -64,10 +65,13 @@ def test_kmeans_s_uses_per_image_counts():
     with pytest.raises(ValueError, match=">= 0"):
         method.segment(maps, num_clusters=[2, -1, 3])
     pred = method.segment(maps, output_size=16, num_clusters=torch.tensor([2, 4, 6]))
+    assert torch.equal(pred, via_hints)
     for b, k in enumerate([2, 4, 6]):
         assert sa.region_agreement(pred[b], labels[b]) == (1.0, k)
-    # K-Means-C ignores a per-image count.
+    # K-Means-C ignores a per-image count given by keyword, and refuses it as a hint.
     fixed = KMeansSegmentor(2, map_size=16).segment(maps, output_size=16, num_clusters=[6, 6, 6])
+    with pytest.raises(ValueError, match="takes no hint \\['num_classes'\\]"):
+        KMeansSegmentor(2, map_size=16).segment(maps, 16, hints={"num_classes": [6, 6, 6]})
     assert [int(p.unique().numel()) for p in fixed] == [2, 2, 2]
     # 0 classes (no labelled pixel) still gives one segment.
     assert method.segment(maps, output_size=16, num_clusters=[0, 1, 1]).unique().numel() == 1

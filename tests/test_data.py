@@ -396,7 +396,7 @@ def test_cityscapes_items(city, label_size):
 def test_cityscapes_mapping_of_every_value(tmp_path):
     root = tmp_path / "cs"
     fakedata.write_cityscapes(root, n=1, size=(16, 16), extras=False)
-    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    values = (np.arange(256) % 34).astype(np.uint8).reshape(16, 16)  # every valid labelId
     Image.fromarray(values).save(next((root / "gtFine").rglob("*_labelIds.png")))
     label = Cityscapes27(root, label_size=16).load_label(0).numpy()
     np.testing.assert_array_equal(label, city_expected(values))
@@ -502,7 +502,8 @@ def test_image_folder(tmp_path):
     assert isinstance(ds, ImageFolder) and ds.ids == ids == ["a", "b", "sub/c", "sub/deeper/d"]
     assert ds.class_names == [] and ds.num_classes == 0 and not ds.has_labels
     item = ds[3]
-    assert set(item) == {"image", "id", "orig_size"} and item["id"] == "sub/deeper/d"
+    assert set(item) == {"image", "id", "orig_size", "crop", "crop_box", "skipped", "error"}
+    assert item["id"] == "sub/deeper/d"
     assert item["image"].shape == (3, 64, 64) and item["orig_size"].tolist() == [40, 56]
     one = ImageFolder(tmp_path / "pics" / "b.PNG")
     assert one.ids == ["b"] and len(one) == 1

@@ -78,9 +78,6 @@ def test_worker_unwrap_leaves_ordinary_messages_alone():
     assert str(UnreadableFileError("plain")) == "plain"
 
 
-@pytest.mark.xfail(
-    strict=False, reason="needs base.py LabelledDataset.map_label to raise DataFileError"
-)
 def test_label_value_error_is_a_data_error(tmp_path):
     root = tmp_path / "c"
     ids = fakedata.write_cocostuff(root, n=1)

@@ -326,7 +326,7 @@ def test_thresholds_per_iteration_and_describe():
     assert DiffSeg().thresholds == [1.1, 1.1, 1.1]
     assert DiffSeg(0.9, num_iterations=1).thresholds == [0.9]
     json.dumps(ds.describe())
-    assert ds.needs_num_classes is False and ds.name == "diffseg"
+    assert ds.hints == () and ds.name == "diffseg"
     with pytest.raises(ValueError, match="one threshold per iteration"):
         DiffSeg(kl_threshold=[1.1, 0.9], num_iterations=3)
     with pytest.raises(ValueError, match="positive"):
@@ -355,8 +355,11 @@ def test_batch_shapes_and_output_sizes():
     assert ds.segment(maps, output_size=(24, 32)).shape == (3, 24, 32)
     # Half-precision attention is accepted (aggregated in float32).
     assert torch.equal(ds.segment({r: m.half() for r, m in maps.items()}, output_size=40), out)
-    # Extra keyword arguments meant for other methods are ignored.
-    assert ds.segment(maps, output_size=8, num_clusters=[2, 2, 2]).shape == (3, 8, 8)
+    # Inputs meant for other methods are errors, not silently ignored.
+    with pytest.raises(TypeError):
+        ds.segment(maps, output_size=8, num_clusters=[2, 2, 2])
+    with pytest.raises(ValueError, match="takes no hint"):
+        ds.segment(maps, output_size=8, hints={"num_classes": [2, 2, 2]})
 
 
 def test_degenerate_inputs():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffseg.data.io import read_image_rgb, read_label
+from diffseg.data.io import DataFileError, read_image_rgb, read_label
 from diffseg.data.transforms import preprocess_image, preprocess_label
 
 #: Label value meaning "not labelled": ignored by the metric.
@@ -174,7 +174,7 @@ class LabelledDataset(ImageDataset):
             shown = ", ".join(str(int(v)) for v in values[:10]) + (
                 " ..." if len(values) > 10 else ""
             )
-            raise ValueError(
+            raise DataFileError(
                 f"label file {path} holds value {int(raw[row, col])} (at row {row}, column "
                 f"{col}; {int(bad.sum())} pixels with values {shown}) outside the "
                 f"{self.name} label set: {self._allowed_values}. The file is not a label map of "
@@ -208,7 +208,7 @@ class LabelledDataset(ImageDataset):
         rgb = read_image_rgb(image_path)
         raw = read_label(label_path)
         if raw.shape != rgb.shape[:2]:
-            raise ValueError(
+            raise DataFileError(
                 f"label file {label_path} is {raw.shape[0]}x{raw.shape[1]} but its image "
                 f"{image_path} is {rgb.shape[0]}x{rgb.shape[1]} (height x width); they must "
                 "match pixel for pixel."
