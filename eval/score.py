@@ -5,6 +5,11 @@ Usage::
     python -m eval.score --dataset coco_stuff27 --predictions DIR [--root R]
         [--resolution 512] [--curated | --no-curated] [--ids-file F] [--ignore-extra]
         [--output results.json] [--per-image per_image.jsonl]
+    python -m eval.score --dataset voc --predictions DIR --resolution 128 [--preprocessing P]
+        [--no-background-merge]
+
+Datasets: coco_stuff27, cityscapes, and DiffCut's voc, context, coco_object (background class:
+many-to-one matching first, see below) and ade20k.
 
 ``DIR`` holds one single-channel PNG per image, ``<id>.png`` (8- or 16-bit; values are segment
 ids, any ids, any number of them), at the evaluation resolution (``--resolution``, 512 or 320 in
@@ -12,6 +17,11 @@ the paper). Labels come from the dataset loaders (``diffseg.data``), preprocesse
 section 1, and each image is scored with the per-image Hungarian matching of ``eval.metrics``.
 Every check (missing, extra and wrongly sized files) runs before any scoring, and outputs are
 written only once everything succeeded.
+
+For datasets with a background class (``background_index`` of the loader: voc, context,
+coco_object) each prediction first goes through ``eval.metrics.merge_background`` (DiffCut's
+many-to-one rule: segments not matched to an object class of the image become one background
+segment), then the usual matching over all classes; ``--no-background-merge`` skips it.
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from eval.metrics import HungarianMetrics, json_safe
+from eval.metrics import HungarianMetrics, json_safe, merge_background
 
 PROTOCOL = "per-image Hungarian matching (SPEC.md section 7; eval/README.md)"
+BACKGROUND_PROTOCOL = "many-to-one background merge (DiffCut), then " + PROTOCOL
+_COCO_NAMES = ("coco_stuff27", "cocostuff27", "coco_stuff", "coco_object")
+DATASET_CHOICES = ["coco_stuff27", "cityscapes", "voc", "context", "coco_object", "ade20k"]
 # Single-channel Pillow modes whose values are the stored integers.
 _ID_MODES = ("L", "P", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
 _SHOW = 5  # ids shown in error messages
@@ -113,6 +126,16 @@ def check_sizes(paths: Sequence[Path], resolution: int) -> None:
             )
 
 
+def _unregistered_loaders() -> dict[str, Any]:
+    """DiffCut's benchmarks by name, for use before ``diffseg.data`` registers them."""
+    from diffseg.data.ade20k import ADE20K
+    from diffseg.data.coco_object import CocoObject
+    from diffseg.data.context import PascalContext
+    from diffseg.data.voc import PascalVOC
+
+    return {"voc": PascalVOC, "context": PascalContext, "coco_object": CocoObject, "ade20k": ADE20K}
+
+
 def build_labels(
     dataset: str,
     root: str | Path | None = None,
@@ -120,22 +143,32 @@ def build_labels(
     split: str = "val",
     curated: bool | None = None,
     ids_file: str | Path | None = None,
+    **options: Any,
 ):
-    """The benchmark dataset whose ``load_label`` gives (resolution, resolution) int64 labels."""
-    from diffseg.data import build_dataset, read_id_list
+    """The benchmark dataset whose ``load_label`` gives (resolution, resolution) int64 labels.
+
+    ``options`` go to the loader when not None (``preprocessing``, ``other_as_class``, ...).
+    """
+    from diffseg.data import DATASETS, build_dataset, read_id_list
 
     kwargs: dict[str, Any] = {"root": root, "split": split, "label_size": resolution}
-    if dataset in ("coco_stuff27", "cocostuff27", "coco_stuff"):
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    if dataset in _COCO_NAMES:
         kwargs["curated"] = True if curated is None else curated
         if ids_file is not None:
             kwargs["ids_file"] = ids_file
-    elif dataset in ("cityscapes", "cityscapes27"):
+    elif dataset in ("cityscapes", "cityscapes27", "voc", "context", "ade20k"):
         if curated is not None:
-            raise ValueError("--curated/--no-curated applies to coco_stuff27 only.")
+            raise ValueError("--curated/--no-curated applies to coco_object and coco_stuff27 only.")
         if ids_file is not None:
             kwargs["ids"] = read_id_list(ids_file)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose coco_stuff27 or cityscapes.")
+        raise ValueError(
+            f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_CHOICES)}."
+        )
+    extra = _unregistered_loaders()
+    if dataset in extra and dataset not in DATASETS:
+        return extra[dataset](**kwargs)
     return build_dataset(dataset, **kwargs)
 
 
@@ -145,8 +178,12 @@ def score_predictions(
     ignore_extra: bool = False,
     batch_size: int = 16,
     workers: int = 4,
+    background_merge: bool | None = None,
 ) -> tuple[HungarianMetrics, list[dict[str, Any]]]:
     """Score ``pred_dir`` against a labelled dataset (``ids``, ``load_label``, ``num_classes``).
+
+    ``background_merge`` (default: when the dataset has a ``background_index``) applies
+    :func:`eval.metrics.merge_background` to every prediction before matching.
 
     Returns:
         The filled ``HungarianMetrics`` and one record per image (with its ``id``), in order.
@@ -157,12 +194,18 @@ def score_predictions(
     check_sizes(paths, resolution)
     metrics = HungarianMetrics(num_classes=labels.num_classes)
     records: list[dict[str, Any]] = []
+    background = getattr(labels, "background_index", None)
+    if background_merge and background is None:
+        raise ValueError(f"{labels.name} has no background class to merge segments into.")
+    merge = background is not None and background_merge is not False
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
         pred = read_prediction(paths[i])
         label = labels.load_label(i).numpy()
         if pred.shape != label.shape:  # the header check makes this a changed file
             raise ValueError(f"prediction {paths[i]} is {pred.shape}, label is {label.shape}.")
+        if merge:
+            pred = merge_background(pred, label, background, num_classes=labels.num_classes)
         return pred, label
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -193,10 +236,32 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m eval.score",
         description="Per-image Hungarian ACC / mIoU of saved segment PNGs (<id>.png).",
     )
-    p.add_argument("--dataset", required=True, choices=["coco_stuff27", "cityscapes"])
+    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     p.add_argument("--predictions", required=True, type=Path, help="folder of <id>.png files")
     p.add_argument("--root", type=Path, default=None, help="dataset folder (default: data root)")
-    p.add_argument("--resolution", type=int, default=512, help="evaluation resolution (512 or 320)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="evaluation size: labels are compared at RxR (DiffSeg 512 or 320, DiffCut 128)",
+    )
+    p.add_argument(
+        "--preprocessing",
+        default=None,
+        help="the loaders' label preprocessing (e.g. diffseg or diffcut; default: the loader's)",
+    )
+    p.add_argument(
+        "--background-merge",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DiffCut's many-to-one background merge (default: on for voc, context, coco_object)",
+    )
+    p.add_argument(
+        "--other-as-class",
+        action="store_true",
+        default=None,
+        help="ADE20K as the DiffCut release scores it: 'other' (0) is class 0, 'flag' ignored",
+    )
     p.add_argument("--split", default="val")
     p.add_argument(
         "--curated",
@@ -221,8 +286,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.resolution <= 0 or args.batch_size <= 0:
             raise ValueError("--resolution and --batch-size must be positive.")
+        if args.other_as_class and args.dataset != "ade20k":
+            raise ValueError("--other-as-class applies to ade20k only.")
         labels = build_labels(
-            args.dataset, args.root, args.resolution, args.split, args.curated, args.ids_file
+            args.dataset,
+            args.root,
+            args.resolution,
+            args.split,
+            args.curated,
+            args.ids_file,
+            preprocessing=args.preprocessing,
+            other_as_class=args.other_as_class,
+        )
+        merged = getattr(labels, "background_index", None) is not None and (
+            args.background_merge is not False
         )
         metrics, records = score_predictions(
             labels,
@@ -230,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignore_extra=args.ignore_extra,
             batch_size=args.batch_size,
             workers=args.workers,
+            background_merge=args.background_merge,
         )
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"eval.score: error: {err}", file=sys.stderr)
@@ -242,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "curated": getattr(labels, "curated", None),
         "resolution": args.resolution,
         "predictions": str(args.predictions),
-        "protocol": PROTOCOL,
+        "protocol": BACKGROUND_PROTOCOL if merged else PROTOCOL,
+        "background_index": getattr(labels, "background_index", None),
+        "background_merge": merged,
         **result,
         "class_names": list(labels.class_names),
     }

@@ -5,11 +5,18 @@ Notation: one-row images; classes 0..C-2 are objects and C-1 the background unle
 
 from __future__ import annotations
 
+import json
+
+import fakedata_extra as fx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from diffseg.data.ade20k import ADE20K
+from diffseg.data.voc import PascalVOC
 from eval.metrics import HungarianMetrics, merge_background
+from eval.score import main
 
 
 def merged(pred, label, background_index, **kw) -> list[int]:
@@ -96,3 +103,45 @@ def test_background_split_into_many_segments_scores_as_one():
     after = HungarianMetrics(num_classes=3).update(after_pred, label)[0]
     # Before: segment 4 (4 pixels) is the background's match, segments 2 and 3 count for nothing.
     assert before["acc"] == pytest.approx(100 * 8 / 12) and after["acc"] == 100.0
+
+
+# ----------------------------------------------------------------------------- eval.score
+
+
+def test_score_merges_background_for_voc(tmp_path, capsys):
+    ids = fx.write_voc(tmp_path / "VOCdevkit")
+    labels = PascalVOC(tmp_path, label_size=12)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i, image_id in enumerate(ids):
+        label = labels.load_label(i).numpy()
+        # Objects keep one segment each (renamed); the background is split in two halves.
+        pred = np.where(label == 20, 40 + (np.arange(12) >= 6)[None, :], 3 * label + 1)
+        Image.fromarray(pred.astype(np.uint8)).save(preds / f"{image_id}.png")
+    args = ["--dataset", "voc", "--root", str(tmp_path), "--predictions", str(preds)]
+    args += ["--resolution", "12"]
+    out = tmp_path / "results.json"
+    assert main([*args, "--output", str(out)]) == 0
+    assert "ACC 100.00  mIoU 100.00  (3 images" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["background_merge"] and result["background_index"] == 20
+    assert result["class_names"][20] == "background" and "many-to-one" in result["protocol"]
+    assert main([*args, "--no-background-merge"]) == 0
+    assert "ACC 100.00" not in capsys.readouterr().out
+    assert main([*args, "--other-as-class"]) == 2
+    assert "applies to ade20k only" in capsys.readouterr().err
+
+
+def test_score_ade20k_has_no_background(tmp_path, capsys):
+    ids = fx.write_ade20k(tmp_path / "ADEChallengeData2016")
+    labels = ADE20K(tmp_path, label_size=10)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i, image_id in enumerate(ids):
+        pred = labels.load_label(i).numpy() + 1  # "other" (-1) becomes segment 0
+        Image.fromarray(pred.astype(np.uint8)).save(preds / f"{image_id}.png")
+    args = ["--dataset", "ade20k", "--root", str(tmp_path), "--predictions", str(preds)]
+    assert main([*args, "--resolution", "10"]) == 0
+    assert "ACC 100.00  mIoU 100.00  (3 images" in capsys.readouterr().out
+    assert main([*args, "--resolution", "10", "--background-merge"]) == 2
+    assert "no background class" in capsys.readouterr().err
