@@ -5,7 +5,7 @@
     <root>/annotations/validation/ADE_val_<n>.png     (0 other, 1..150 the classes)
 
 <root> is the ADEChallengeData2016 folder (default: $DIFFSEG_DATA/ADEChallengeData2016 or
-datasets/ADEChallengeData2016). The official ADEChallengeData2016.zip (923 MB) is downloaded
+datasets/ADEChallengeData2016). The official ADEChallengeData2016.zip (about 0.9 GB) is downloaded
 from MIT into <root>/downloads (kept for reruns), or taken from --from-archives DIR. Only the
 split asked for is unpacked (validation: 2000 images and annotations).
 
