@@ -1,9 +1,10 @@
-"""Run DiffSeg (or a baseline) on a dataset and save its metrics: the Hydra entry point.
+"""Evaluate a method (DiffSeg, DiffCut, the K-Means baselines) on a dataset: the Hydra entry.
 
     python run.py dataset=coco_stuff27 resolution=512
+    python run.py method=diffcut dataset=cityscapes
     python run.py -m method=diffseg,kmeans_c,kmeans_s resolution=320,512
 
-See configs/config.yaml for every option and diffseg/runner.py for what a run writes.
+See configs/config.yaml for every option and diffseg/tasks/evaluate.py for what a run writes.
 """
 
 import hydra
@@ -12,9 +13,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from diffseg.runner import main as run_main
+    from diffseg.tasks.evaluate import main as evaluate_main
 
-    return run_main(cfg)
+    return evaluate_main(cfg)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffseg.data.io import DataFileError, read_image_rgb, read_label
-from diffseg.data.transforms import preprocess_image, preprocess_label
+from diffseg.data.transforms import check_preprocessing, preprocess_image, preprocess_label
 
 #: Label value meaning "not labelled": ignored by the metric.
 IGNORE_INDEX = -1
@@ -65,6 +65,7 @@ class ImageDataset(Dataset):
         image_size: int = 512,
         root: Path | None = None,
         split: str | None = None,
+        preprocessing: str = "diffseg",
     ) -> None:
         if len(ids) != len(image_paths):
             raise ValueError(f"{len(ids)} ids for {len(image_paths)} images")
@@ -73,6 +74,7 @@ class ImageDataset(Dataset):
         self.image_size = check_size(image_size, "image_size")
         self.root = Path(root) if root is not None else None
         self.split = split
+        self.preprocessing = check_preprocessing(preprocessing)
         self.class_names: list[str] = []
 
     @property
@@ -101,7 +103,7 @@ class ImageDataset(Dataset):
         index = self._check_index(index)
         rgb = read_image_rgb(self.image_paths[index])
         return {
-            "image": preprocess_image(rgb, self.image_size),
+            "image": preprocess_image(rgb, self.image_size, self.preprocessing),
             "id": self.ids[index],
             "orig_size": torch.tensor(rgb.shape[:2], dtype=torch.int64),
         }
@@ -114,6 +116,7 @@ class ImageDataset(Dataset):
             "split": self.split,
             "num_images": len(self),
             "image_size": self.image_size,
+            "preprocessing": self.preprocessing,
             "num_classes": self.num_classes,
         }
 
@@ -147,8 +150,12 @@ class LabelledDataset(ImageDataset):
         label_size: int = 512,
         root: Path | None = None,
         split: str | None = None,
+        preprocessing: str = "diffseg",
     ) -> None:
-        super().__init__(ids, image_paths, image_size=image_size, root=root, split=split)
+        super().__init__(
+            ids, image_paths, image_size=image_size, root=root, split=split,
+            preprocessing=preprocessing,
+        )  # fmt: skip
         if len(label_paths) != len(self.ids):
             raise ValueError(f"{len(label_paths)} label files for {len(self.ids)} images")
         self.label_paths = [Path(p) for p in label_paths]
@@ -184,7 +191,8 @@ class LabelledDataset(ImageDataset):
 
     def _label_tensor(self, raw: np.ndarray, path: Path) -> torch.Tensor:
         mapped = self.map_label(raw, path)
-        return torch.from_numpy(preprocess_label(mapped, self.label_size).astype(np.int64))
+        label = preprocess_label(mapped, self.label_size, self.preprocessing, self.image_size)
+        return torch.from_numpy(label.astype(np.int64))
 
     def load_label(self, index: int) -> torch.Tensor:
         """The evaluation label of one image, without decoding the image.
@@ -214,7 +222,7 @@ class LabelledDataset(ImageDataset):
                 "match pixel for pixel."
             )
         return {
-            "image": preprocess_image(rgb, self.image_size),
+            "image": preprocess_image(rgb, self.image_size, self.preprocessing),
             "label": self._label_tensor(raw, label_path),
             "id": self.ids[index],
             "orig_size": torch.tensor(rgb.shape[:2], dtype=torch.int64),

@@ -88,6 +88,7 @@ class Cityscapes27(LabelledDataset):
         label_size: int = 512,
         ids: Sequence[str] | None = None,
         ids_file: str | Path | None = None,
+        preprocessing: str = "diffseg",
     ) -> None:
         root = Path(root).expanduser() if root is not None else default_data_root() / "cityscapes"
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
@@ -145,4 +146,5 @@ class Cityscapes27(LabelledDataset):
             label_size=label_size,
             root=root,
             split=split,
+            preprocessing=preprocessing,
         )

@@ -126,6 +126,7 @@ class CocoStuff27(LabelledDataset):
         ids: Sequence[str] | None = None,
         ids_file: str | Path | None = None,
         mapping_file: str | Path | None = None,
+        preprocessing: str = "diffseg",
     ) -> None:
         root = Path(root).expanduser() if root is not None else default_data_root() / "cocostuff"
         if split not in _SPLITS:
@@ -189,6 +190,7 @@ class CocoStuff27(LabelledDataset):
             label_size=label_size,
             root=root,
             split=folder.removesuffix("2017"),
+            preprocessing=preprocessing,
         )
         #: True when the ids are the shipped curated benchmark list.
         self.curated = uses_curated_list

@@ -51,6 +51,7 @@ class ImageFolder(ImageDataset):
         path: a folder (searched recursively) or a single image file.
         image_size: model input side (512).
         label_size: accepted for a uniform interface with the benchmarks; unused.
+        preprocessing: accepted for the same reason; ``crop`` says how a photo is made square.
         crop: "center" (the paper's centre square, the default), "pad" (pad to a square with
             mid-grey, nothing lost) or "resize" (squash to a square).
         skip_unreadable: False: a corrupt, truncated or empty file raises a
@@ -68,6 +69,7 @@ class ImageFolder(ImageDataset):
         label_size: int | None = None,
         crop: str = "center",
         skip_unreadable: bool = False,
+        preprocessing: str = "diffseg",
     ) -> None:
         path = Path(path).expanduser()
         if path.is_file():

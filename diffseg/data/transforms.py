@@ -131,19 +131,76 @@ def from_model_range(image: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def preprocess_image(rgb: np.ndarray, image_size: int) -> torch.Tensor:
+#: The benchmarks' preprocessing protocols: DiffSeg's release (centre square of side min(H, W),
+#: labels resized once to the evaluation size) and DiffCut's (side min(H, W) - 1 placed as
+#: torchvision's CenterCrop places it; labels nearest-exact to the model's input size, then
+#: torch's legacy nearest down to the evaluation size).
+PREPROCESSING = ("diffseg", "diffcut")
+
+
+def check_preprocessing(preprocessing: str) -> str:
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(
+            f"preprocessing={preprocessing!r} is unknown; use one of {', '.join(PREPROCESSING)}"
+        )
+    return preprocessing
+
+
+def diffcut_crop_box(height: int, width: int) -> tuple[int, int, int]:
+    """DiffCut's centre square ``(top, left, side)``: side ``min(H, W) - 1``, corner
+    ``round((H - side) / 2)`` with Python's round-half-to-even (as torchvision's ``CenterCrop``),
+    so a one-pixel margin goes to the bottom / right."""
+    side = min(height, width) - 1
+    if side < 1:
+        raise ValueError(f"cannot crop a {height}x{width} image to min(H, W) - 1")
+    return round((height - side) / 2), round((width - side) / 2), side
+
+
+def _crop(x: np.ndarray, preprocessing: str) -> np.ndarray:
+    if check_preprocessing(preprocessing) == "diffseg":
+        return center_crop_square(x)
+    top, left, side = diffcut_crop_box(x.shape[0], x.shape[1])
+    return x[top : top + side, left : left + side]
+
+
+def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch's legacy ``nearest`` (``F.interpolate(mode="nearest")``):
+    ``floor(i * in / out)``, int64 (out_size,)."""
+    idx = np.floor(np.arange(out_size, dtype=np.float64) * (in_size / out_size)).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def preprocess_image(
+    rgb: np.ndarray, image_size: int, preprocessing: str = "diffseg"
+) -> torch.Tensor:
     """Decoded uint8 RGB (H, W, 3) to the model input: crop, resize, scale.
 
     Returns:
         float32 tensor (3, image_size, image_size) in [-1, 1].
     """
-    return to_model_range(resize_image(center_crop_square(rgb), image_size))
+    return to_model_range(resize_image(_crop(rgb, preprocessing), image_size))
 
 
-def preprocess_label(label: np.ndarray, label_size: int) -> np.ndarray:
-    """A label map (H, W) (any integer dtype, class mapping before or after: nearest resize
-    only copies values) to (label_size, label_size): crop, then nearest resize."""
-    return resize_label(center_crop_square(label), label_size)
+def preprocess_label(
+    label: np.ndarray,
+    label_size: int,
+    preprocessing: str = "diffseg",
+    image_size: int | None = None,
+) -> np.ndarray:
+    """A label map (H, W) (any integer dtype, class mapping before or after: nearest resizes
+    only copy values) to (label_size, label_size).
+
+    ``diffseg``: crop, then one nearest resize (half-pixel centres). ``diffcut``: crop, nearest-
+    exact to ``image_size`` (the model's input side), then legacy nearest to ``label_size``.
+    """
+    cropped = _crop(label, preprocessing)
+    if preprocessing == "diffseg":
+        return resize_label(cropped, label_size)
+    if image_size is None:
+        raise ValueError("preprocessing='diffcut' needs image_size (the model's input side)")
+    exact = nearest_indices(cropped.shape[0], image_size)
+    index = exact[legacy_nearest_indices(image_size, label_size)]
+    return cropped[index[:, None], index[None, :]]
 
 
 # ----------------------------------------------------------------------------- own photos

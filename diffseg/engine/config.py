@@ -1,0 +1,126 @@
+"""Top-level run options: checked once, before anything is loaded, into plain values."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ConfigError
+
+__all__ = ["check_config", "plain", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+#: Evaluation sizes accepted (pixels per side of labels and predictions).
+RESOLUTION_RANGE = (32, 2048)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def plain(cfg: Any) -> Any:
+    """A DictConfig/ListConfig (or anything) as resolved plain Python."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise a torch device that must exist."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name} but CUDA is not available here; use device=auto or cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError("device=mps but MPS is not available here; use device=auto or cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda[:N] or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``float32`` (default, faithful), ``float16`` or ``bfloat16``."""
+    key = str(name).strip().lower()
+    if key not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is not supported; use float32, float16 or bfloat16")
+    dtype = DTYPES[key]
+    if dtype == torch.float16 and device.type == "cpu":
+        log.warning("dtype=float16 on the CPU is slow and not faithful; float32 is recommended")
+    return dtype
+
+
+def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> int | None:
+    value = cfg.get(key)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise ConfigError(f"{key}={value!r} is invalid; it must be {want}")
+    return value
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the top-level knobs; returns them resolved (device, dtypes, ints)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as err:  # MissingMandatoryValue, InterpolationResolutionError
+        key = getattr(err, "full_key", None) or ""
+        if "dataset.path" in str(key) or "dataset.path" in str(err):
+            raise ConfigError(
+                "dataset=folder needs the folder of images: add dataset.path=/path/to/images"
+            ) from None
+        raise ConfigError(f"config value missing or unresolvable: {key} ({err})") from None
+    resolution = cfg.get("resolution")
+    lo, hi = RESOLUTION_RANGE
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int)
+        or not lo <= resolution <= hi
+    ):
+        raise ConfigError(
+            f"resolution={resolution!r} is invalid; it is the evaluation size in pixels (labels "
+            f"and predictions), an integer in [{lo}, {hi}] (DiffSeg: 320 or 512, DiffCut: 128)"
+        )
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "float32"), device)
+    precision = cfg.get("precision") or {}
+    vae = precision.get("vae")
+    return {
+        "resolution": resolution,
+        "device": device,
+        "dtype": dtype,
+        "vae_dtype": None if vae is None else resolve_dtype(vae, device),
+        "attention_dtype": resolve_dtype(precision.get("attention") or "float32", device),
+        "batch_size": _int_knob(cfg, "batch_size", 1),
+        "limit": _int_knob(cfg, "limit", 1, allow_none=True),
+        "num_workers": _int_knob(cfg, "num_workers", 0),
+        "num_overlays": _int_knob(cfg, "num_overlays", 0),
+        "seed": _int_knob(cfg, "seed", 0),
+        "save_predictions": bool(cfg.get("save_predictions", False)),
+    }

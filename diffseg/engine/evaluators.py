@@ -1,0 +1,233 @@
+"""Evaluators: objects that see every segmented batch of one setting, in the style of
+detectron2's ``DatasetEvaluator`` (``reset`` / ``process`` / ``evaluate``).
+
+A setting's evaluators run in list order for each batch; the records evaluator comes last, so a
+row in ``per_image.csv`` means that the image's prediction PNG and overlay are on disk too. Its
+``done`` set is what a resume skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ResumeError
+from .records import CSV_COLUMNS, CSV_COLUMNS_UNLABELLED, RowWriter, read_per_image
+
+__all__ = [
+    "Evaluator",
+    "MetricEvaluator",
+    "OverlayWriter",
+    "PredictionWriter",
+    "SegmentedBatch",
+    "SegmentCounter",
+]
+
+
+@dataclass
+class SegmentedBatch:
+    """The predictions of one setting for some images of a loader batch.
+
+    Attributes:
+        ids: the images' ids.
+        preds: int64 ``(B, S, S)`` segment ids on the CPU, ``S`` the evaluation size.
+        items: per image, the loader's fields (``image`` (3, H, H) in [-1, 1], ``label``
+            (S, S), ``orig_size``, ``crop``, ...), on the CPU.
+    """
+
+    ids: list[str]
+    preds: Tensor
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Evaluator:
+    """The interface; subclasses override what they need."""
+
+    def reset(self) -> None:
+        """Prepare for the images to come (read what an earlier session left)."""
+
+    def process(self, batch: SegmentedBatch) -> None:
+        """See one segmented batch."""
+
+    def evaluate(self) -> dict[str, Any]:
+        """What goes into the setting's ``results.json``."""
+        return {}
+
+    def close(self) -> None:
+        """Release files (called on success and on failure)."""
+
+
+class _Records(Evaluator):
+    """Shared by the record-keeping evaluators: ``per_image.csv`` in ``out_dir``."""
+
+    columns: list[str] = []
+
+    def __init__(self, out_dir: Path, wanted: Sequence[str], random_weights: bool) -> None:
+        self.path = Path(out_dir) / "per_image.csv"
+        self.wanted = set(wanted)
+        self.random_weights = bool(random_weights)
+        self.done: set[str] = set()
+        self.resumed = 0
+        self.writer: RowWriter | None = None
+
+    def _load(self) -> list[dict[str, Any]]:
+        keep, self.done = [], set()
+        for rec in read_per_image(self.path, self.columns):
+            if rec["id"] in self.wanted and rec["id"] not in self.done:
+                self.done.add(rec["id"])
+                keep.append(rec)
+        self.resumed = len(keep)
+        return keep
+
+    def open(self) -> None:
+        """Start appending rows (after the run dir was claimed)."""
+        self.writer = RowWriter(self.path, self.columns)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        assert self.writer is not None, "open() the evaluator before processing"
+        for row in rows:
+            self.writer.write({**row, "random_weights": self.random_weights})
+            self.done.add(row["id"])
+        self.writer.sync()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MetricEvaluator(_Records):
+    """Per-image Hungarian matching (:class:`eval.metrics.HungarianMetrics`), summed exactly over
+    the images, with one durable row per image (its integer TP/FP/FN) in ``per_image.csv``."""
+
+    columns = CSV_COLUMNS
+
+    def __init__(
+        self,
+        out_dir: Path,
+        wanted: Sequence[str],
+        class_names: Sequence[str],
+        random_weights: bool,
+    ) -> None:
+        super().__init__(out_dir, wanted, random_weights)
+        self.class_names = list(class_names)
+        self.metrics = None
+
+    def reset(self) -> None:
+        from eval.metrics import HungarianMetrics
+
+        self.metrics = HungarianMetrics(num_classes=len(self.class_names))
+        records = self._load()
+        try:
+            self.metrics.add_records(records)
+        except ValueError as err:
+            raise ResumeError(f"{self.path}: {err}") from None
+
+    def process(self, batch: SegmentedBatch) -> None:
+        labels = torch.stack([item["label"] for item in batch.items])
+        records = self.metrics.update(batch.preds, labels)
+        self._write([{"id": i, **rec} for i, rec in zip(batch.ids, records, strict=True)])
+
+    def running(self) -> dict[str, Any]:
+        return self.metrics.compute()
+
+    def evaluate(self) -> dict[str, Any]:
+        m = self.metrics.compute()
+        return {
+            "acc": m["acc"],
+            "miou": m["miou"],
+            "num_images": m["num_images"],
+            "classes_counted": m["classes_counted"],
+            "pixels": m["pixels"],
+            "iou_per_class": dict(zip(self.class_names, m["iou_per_class"], strict=True)),
+            "tp": m["tp"],
+            "fp": m["fp"],
+            "fn": m["fn"],
+        }
+
+
+class SegmentCounter(_Records):
+    """Images without labels: one row per image with its number of segments."""
+
+    columns = CSV_COLUMNS_UNLABELLED
+
+    def reset(self) -> None:
+        self._load()
+
+    def process(self, batch: SegmentedBatch) -> None:
+        counts = [int(torch.unique(p).numel()) for p in batch.preds]
+        self._write([{"id": i, "num_segments": n} for i, n in zip(batch.ids, counts, strict=True)])
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"num_images": len(self.done), "acc": None, "miou": None}
+
+
+class PredictionWriter(Evaluator):
+    """Every prediction as ``predictions/<id>.png`` (segment ids; scorable by ``eval.score``).
+
+    ``original_size=True`` (image folders) writes each at its photo's own size
+    (:func:`diffseg.data.transforms.to_original_size`; pixels outside a centre crop are -1).
+    """
+
+    def __init__(self, out_dir: Path, metadata: dict[str, Any], original_size: bool) -> None:
+        self.folder = Path(out_dir) / "predictions"
+        self.metadata = metadata
+        self.original_size = original_size
+
+    def process(self, batch: SegmentedBatch) -> None:
+        from ..data.transforms import to_original_size
+        from ..overlay import save_segments_png
+
+        for image_id, pred, item in zip(batch.ids, batch.preds, batch.items, strict=True):
+            if self.original_size:
+                pred = to_original_size(pred, item["orig_size"], item.get("crop", "center"))
+            save_segments_png(self.folder / f"{image_id}.png", pred, metadata=self.metadata)
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"predictions": str(self.folder)}
+
+
+class OverlayWriter(Evaluator):
+    """Overlays (image | segments | edges, and the label when there is one) for chosen images,
+    captioned when the weights were random. ``load_photo(id)`` (image folders) draws on the
+    photo at its own size instead of the model input."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        ids: Sequence[str],
+        metadata: dict[str, Any],
+        load_photo=None,
+    ) -> None:
+        self.folder = Path(out_dir) / "overlays"
+        self.ids = set(ids)
+        self.metadata = metadata
+        self.load_photo = load_photo
+
+    def process(self, batch: SegmentedBatch) -> None:
+        from ..data.transforms import to_original_size
+        from ..overlay import save_overlay
+
+        random = bool(self.metadata.get("random_weights"))
+        for image_id, pred, item in zip(batch.ids, batch.preds, batch.items, strict=True):
+            if image_id not in self.ids:
+                continue
+            image, label = item["image"], item.get("label")
+            if self.load_photo is not None:
+                image = self.load_photo(image_id)
+                pred = to_original_size(pred, item["orig_size"], item.get("crop", "center"))
+            save_overlay(
+                self.folder / f"{image_id}.png",
+                image,
+                pred,
+                label,
+                random_weights=random,
+                metadata=self.metadata,
+            )
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"overlays": [str(p) for p in sorted(self.folder.glob("**/*.png"))]}

@@ -1,0 +1,157 @@
+"""The inference loop: one feature pass per batch for every setting, timed per stage.
+
+For each loader batch: the images go to the device, each distinct pass of the run's merged
+feature requests runs once (:meth:`DiffusionBackbone.extract`), then every setting segments the
+images it still lacks and hands the predictions to its evaluators. Stage times (data, features,
+method, scoring) are summed over the batches after the first, which is the warm-up (kernel
+selection, lazy allocation) and is timed on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..features import FeatureRequest, merge_requests
+from .evaluators import Evaluator, SegmentedBatch
+from .settings import Setting
+
+__all__ = ["SettingRun", "StageTimes", "run_loop"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "features", "method", "scoring")
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage over the timed batches, the warm-up batch apart."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    images: int = 0  # images of the timed batches
+    warmup_s: float | None = None
+    warmup_images: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        total = sum(self.seconds.values())
+        return {
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "images_timed": self.images,
+            "images_per_s": round(self.images / total, 4) if self.images and total > 0 else None,
+            "warmup_s": None if self.warmup_s is None else round(self.warmup_s, 4),
+            "warmup_images": self.warmup_images,
+        }
+
+
+@dataclass
+class SettingRun:
+    """A setting with its evaluators; ``records`` (the last evaluator) knows what is done."""
+
+    setting: Setting
+    evaluators: list[Evaluator]
+
+    @property
+    def records(self) -> Any:
+        return self.evaluators[-1]
+
+
+def classes_per_image(labels: torch.Tensor) -> list[int]:
+    """(B, S, S) labels -> the number of distinct labelled classes per image (K-Means-S)."""
+    return [int(torch.unique(lab[lab >= 0]).numel()) for lab in labels]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _split_items(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    n = len(batch["id"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict) -> None:
+    pending = [k for k, i in enumerate(ids) if i not in run.records.done]
+    if not pending:
+        return
+    method = run.setting.method
+    t0 = time.perf_counter()
+    hints = {}
+    if "num_classes" in getattr(method, "hints", ()):
+        hints["num_classes"] = classes_per_image(torch.stack([items[k]["label"] for k in pending]))
+    preds = method.segment(features.select(pending), resolution, hints or None).cpu()
+    t1 = time.perf_counter()
+    done = SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
+    for evaluator in run.evaluators:
+        evaluator.process(done)
+    timer["method"] += t1 - t0
+    timer["scoring"] += time.perf_counter() - t1
+
+
+def run_loop(
+    loader,
+    backbone,
+    runs: Sequence[SettingRun],
+    resolution: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_batch: Callable[[int, list[str]], None] | None = None,
+) -> StageTimes:
+    """Segment every batch of ``loader`` with every setting of ``runs``.
+
+    Args:
+        loader: yields dict batches (``image`` (B, 3, H, H), ``id``, and ``label`` etc.).
+        backbone: a :class:`diffseg.backbones.DiffusionBackbone`.
+        runs: the settings and their evaluators (already reset and opened).
+        resolution: the evaluation size ``S`` of the predictions.
+        on_batch: called after each batch, once its records are durable, with the number of
+            images finished in this session and the batch's ids (progress, logging, tests).
+
+    Returns:
+        the :class:`StageTimes` of this session.
+    """
+    requests: list[FeatureRequest] = [r.setting.method.feature_request() for r in runs]
+    passes = merge_requests(requests)
+    times, processed = StageTimes(), 0
+    t_wait = time.perf_counter()
+    for batch in loader:
+        timer = dict.fromkeys(STAGES, 0.0)
+        timer["data"] = time.perf_counter() - t_wait
+        ids = list(batch["id"])
+        images = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
+        t0 = time.perf_counter()
+        features = {p.pass_key: backbone.extract(images, p) for p in passes}
+        _sync(device)
+        timer["features"] = time.perf_counter() - t0
+        items = _split_items({k: v for k, v in batch.items() if k != "id"} | {"id": ids})
+        for run, request in zip(runs, requests, strict=True):
+            _segment(run, features[request.pass_key], ids, items, resolution, timer)
+        _account(times, timer, len(ids), first=processed == 0)
+        _after_first_batch(backbone, runs)
+        processed += len(ids)
+        if on_batch is not None:
+            on_batch(processed, ids)
+        t_wait = time.perf_counter()
+    return times
+
+
+def _account(times: StageTimes, timer: dict[str, float], n: int, first: bool) -> None:
+    if first:
+        times.warmup_s, times.warmup_images = sum(timer.values()), n
+        return
+    for key, value in timer.items():
+        times.seconds[key] += value
+    times.images += n
+
+
+def _after_first_batch(backbone, runs: Sequence[SettingRun]) -> None:
+    """The inputs were checked once; later batches skip the checks that wait for the device."""
+    backbone.check_inputs = False
+    for run in runs:
+        if hasattr(run.setting.method, "check_inputs"):
+            run.setting.method.check_inputs = False

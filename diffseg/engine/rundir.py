@@ -1,0 +1,114 @@
+"""The run directory: what it holds, when it may be resumed, and atomic JSON writes.
+
+``run.json`` records the run's fingerprint (everything that changes the numbers: dataset and
+its limit, evaluation size, backbone, precision, seed, the settings, which outputs are written),
+the W&B run id and one entry per session (start, end, images, time per stage). A start on a run
+dir with another fingerprint is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import ResumeError
+from ..io_utils import atomic_write_text
+
+__all__ = ["RunDir", "diff_fingerprints", "now", "write_json_atomic"]
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Strict JSON (nan -> null) written to a temp file beside ``path``, fsync'ed, renamed; the
+    file's mode follows the umask like any other file."""
+    from eval.metrics import json_safe
+
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text, fsync=True)
+
+
+def diff_fingerprints(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Lines ``key: old -> new`` for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_fingerprints(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"] if old != new else []
+
+
+class RunDir:
+    """A run directory and its ``run.json``.
+
+    Args:
+        path: the folder (Hydra's output dir).
+        fingerprint: what must not change between sessions of the run (JSON-able).
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.state: dict[str, Any] = {}
+        self.resumed = False
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    def open(self) -> RunDir:
+        """Read ``run.json`` if there is one; raise :class:`ResumeError` when it describes
+        another configuration (Hydra's copy of the config is put back as it was)."""
+        if not self.run_json.exists():
+            self.state = {"fingerprint": self.fingerprint, "created": now(), "sessions": []}
+            return self
+        try:
+            saved = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ResumeError(f"{self.run_json} is unreadable ({err}); use a new run dir") from None
+        diffs = diff_fingerprints(saved.get("fingerprint"), self.fingerprint)
+        if diffs:
+            self._restore_hydra_files()
+            raise ResumeError(
+                f"refusing to resume: the run dir {self.path} holds a run with another "
+                "configuration:\n  " + "\n  ".join(diffs[:10]) + "\nRun the original command to "
+                "resume it, or choose a new dir (hydra.run.dir=...)."
+            )
+        saved.setdefault("sessions", [])
+        self.state, self.resumed = saved, True
+        return self
+
+    def claim(self, config_yaml: str) -> None:
+        """From here on the run dir belongs to this configuration: write the resolved config and
+        ``run.json``, and keep the first start's Hydra files."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._keep_hydra_files()
+        atomic_write_text(self.path / "config_resolved.yaml", config_yaml)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.run_json, self.state)
+
+    def add_session(self, session: dict[str, Any]) -> None:
+        self.state["sessions"].append(session)
+        self.save()
+
+    # Hydra rewrites .hydra/*.yaml at every start: keep the first start's copy, and put it back
+    # when a resume is refused so the run dir still describes its own run.
+    def _keep_hydra_files(self) -> None:
+        hydra_dir, keep = self.path / ".hydra", self.path / ".hydra" / "first_start"
+        if hydra_dir.is_dir() and not keep.exists():
+            keep.mkdir()
+            for f in hydra_dir.glob("*.yaml"):
+                shutil.copyfile(f, keep / f.name)
+
+    def _restore_hydra_files(self) -> None:
+        keep = self.path / ".hydra" / "first_start"
+        for f in keep.glob("*.yaml") if keep.is_dir() else []:
+            shutil.copyfile(f, self.path / ".hydra" / f.name)

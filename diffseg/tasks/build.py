@@ -1,0 +1,88 @@
+"""Building a run's dataset and backbone from their configs (``_target_`` + arguments)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError, DataError, RunError
+
+__all__ = [
+    "build_backbone_from_config",
+    "build_dataset_from_config",
+    "is_random_config",
+    "native_image_size",
+]
+
+#: Keys of a dataset config that describe the benchmark rather than build the loader.
+DATASET_META_KEYS = ("name", "kl_threshold")
+
+
+def _instantiate(cfg: dict[str, Any], **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with the cause of a failure unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        raise (err.__cause__ or err) from None
+
+
+def native_image_size(bb_cfg: dict[str, Any]) -> int:
+    """The model input side of a backbone config, from the registry (no weights loaded)."""
+    from ..backbones import BACKBONES
+    from ..backbones.configs import model_configs
+
+    if bb_cfg.get("random_config"):
+        unet = model_configs(bb_cfg["random_config"])["unet"]
+        return int(unet["sample_size"]) * 8
+    name = bb_cfg.get("name")
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone.name={name!r} is unknown; registered: {', '.join(BACKBONES)}")
+    return int(bb_cfg.get("image_size") or BACKBONES[name].image_size)
+
+
+def is_random_config(bb_cfg: dict[str, Any]) -> bool:
+    """Whether a backbone config builds random weights (before building it)."""
+    from ..backbones import BACKBONES
+
+    spec = BACKBONES.get(bb_cfg.get("name"))
+    return bool(
+        bb_cfg.get("random_config") or (spec and spec.random_config and not bb_cfg.get("path"))
+    )
+
+
+def build_dataset_from_config(
+    ds_cfg: dict[str, Any], image_size: int, resolution: int, preprocessing: str
+) -> Any:
+    """The dataset of a ``dataset`` config: images at the backbone's input size, labels at the
+    evaluation size ``resolution``, preprocessed by the named protocol."""
+    cfg = {k: v for k, v in ds_cfg.items() if k not in DATASET_META_KEYS}
+    try:
+        return _instantiate(
+            cfg, image_size=image_size, label_size=resolution, preprocessing=preprocessing
+        )
+    except RunError:
+        raise
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
+        kind = DataError if isinstance(err, FileNotFoundError | NotADirectoryError) else ConfigError
+        raise kind(f"dataset={ds_cfg.get('name')}: {err}") from err
+
+
+def build_backbone_from_config(bb_cfg: dict[str, Any], knobs: dict[str, Any]) -> Any:
+    """The backbone of a ``backbone`` config, on the run's device and precision."""
+    cfg = {k: v for k, v in bb_cfg.items() if k != "image_size"}
+    try:
+        return _instantiate(
+            cfg,
+            device=knobs["device"],
+            dtype=knobs["dtype"],
+            vae_dtype=knobs["vae_dtype"],
+            attention_dtype=knobs["attention_dtype"],
+            seed=knobs["seed"],
+        )
+    except (FileNotFoundError, ValueError) as err:
+        hint = ""
+        if isinstance(err, FileNotFoundError):
+            hint = " (For an offline smoke run with random weights: backbone=tiny or tiny_sdxl.)"
+        raise ConfigError(f"backbone={bb_cfg.get('name')}: {err}{hint}") from err

@@ -1,0 +1,76 @@
+"""Progress of a run: the bar, the running metrics and their logging."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """A tqdm bar over the images to do, with the first setting's running ACC / mIoU, metrics
+    sent to the tracker every ``log_every`` images, and a user callback.
+
+    Args:
+        total: images this session will process; resumed: images done by earlier sessions.
+        runs: the settings (their records evaluators give the running metrics).
+        tracker: a :class:`diffseg.tracking.Tracker`.
+        on_batch: an extra callback ``(images_done, ids)`` (tests interrupt a run with it).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        resumed: int,
+        runs: Sequence[Any],
+        tracker,
+        on_batch: Callable[[int, list[str]], None] | None = None,
+        log_every: int = 25,
+    ) -> None:
+        self.total, self.resumed, self.runs = total, resumed, runs
+        self.tracker, self.on_batch, self.log_every = tracker, on_batch, log_every
+        self.done = 0
+        self.bar = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total,
+            unit="img",
+            desc="segmenting",
+            dynamic_ncols=True,
+            disable=not self.total,
+            file=sys.stderr,
+        )
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def update(self, done: int, ids: list[str]) -> None:
+        step = done - self.done
+        self.done = done
+        self.bar.update(step)
+        head = self.runs[0].records
+        if hasattr(head, "running"):
+            m = head.running()
+            self.bar.set_postfix(acc=f"{m['acc']:.1f}", miou=f"{m['miou']:.1f}")
+            if done % self.log_every < step or done == self.total:
+                self._log(done)
+        if self.on_batch is not None:
+            self.on_batch(done, ids)
+
+    def _log(self, done: int) -> None:
+        elapsed = time.perf_counter() - self._t0
+        metrics = {"images": self.resumed + done, "images_per_s": done / max(elapsed, 1e-9)}
+        for run in self.runs:
+            m = run.records.running()
+            prefix = f"{run.setting.name}/" if run.setting.name else ""
+            metrics[f"{prefix}acc"], metrics[f"{prefix}miou"] = m["acc"], m["miou"]
+        self.tracker.log_metrics(metrics, step=self.resumed + done)
