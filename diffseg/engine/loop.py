@@ -36,6 +36,8 @@ class StageTimes:
     images: int = 0  # images of the timed batches
     warmup_s: float | None = None
     warmup_images: int = 0
+    #: Unreadable images passed over (image folders with ``skip_unreadable``): id and reason.
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         total = sum(self.seconds.values())
@@ -73,6 +75,24 @@ def _sync(device: torch.device) -> None:
 def _split_items(batch: dict[str, Any]) -> list[dict[str, Any]]:
     n = len(batch["id"])
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _drop_skipped(batch: dict[str, Any], times: StageTimes) -> dict[str, Any] | None:
+    """The batch without the items a loader marked ``skipped`` (recorded in ``times``); None
+    when nothing is left."""
+    if "skipped" not in batch or not bool(batch["skipped"].any()):
+        return batch
+    keep = [k for k, s in enumerate(batch["skipped"].tolist()) if not s]
+    for k, s in enumerate(batch["skipped"].tolist()):
+        if s:
+            times.skipped.append({"id": batch["id"][k], "error": batch["error"][k]})
+            log.warning("skipped %s: %s", batch["id"][k], batch["error"][k])
+    if not keep:
+        return None
+    return {
+        key: [value[k] for k in keep] if isinstance(value, list) else value[keep]
+        for key, value in batch.items()
+    }
 
 
 def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict) -> None:
@@ -122,6 +142,10 @@ def run_loop(
     for batch in loader:
         timer = dict.fromkeys(STAGES, 0.0)
         timer["data"] = time.perf_counter() - t_wait
+        batch = _drop_skipped(batch, times)
+        if batch is None:
+            t_wait = time.perf_counter()
+            continue
         ids = list(batch["id"])
         images = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
         t0 = time.perf_counter()

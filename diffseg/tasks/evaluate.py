@@ -73,6 +73,7 @@ def evaluate(
         plain(cfg.dataset), image_size, knobs["resolution"], cfg.get("preprocessing", "diffseg")
     )
     ids = _select_ids(dataset, knobs["limit"])
+    _warn_about_shapes(dataset)
     random_weights = is_random_config(plain(cfg.backbone))
     rundir = RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)).open()
     runs = [_setting_run(s, dataset, ids, knobs, random_weights, cfg) for s in settings]
@@ -101,6 +102,7 @@ def evaluate(
             run.records.open()
         progress = Progress(len(todo), len(ids) - len(todo), runs, tracker, on_batch)
         stages = _loop(dataset, todo, backbone, runs, knobs, progress)
+        rundir.state["skipped"] = stages.skipped
         if progress.done or not rundir.state["sessions"]:
             rundir.add_session(_session(started, t_start, progress.done, stages, knobs))
         results = _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights)
@@ -120,6 +122,17 @@ def evaluate(
 def _select_ids(dataset, limit: int | None) -> list[str]:
     """The ids a run evaluates: the dataset's, or its first ``limit``."""
     return list(dataset.ids) if limit is None else list(dataset.ids)[:limit]
+
+
+def _warn_about_shapes(dataset) -> None:
+    """Image folders: one warning with counts for far-from-square or tiny photos."""
+    if dataset.name != "folder":
+        return
+    from ..data.folder import count_unusual_shapes
+
+    warning = count_unusual_shapes(dataset).warning(dataset.crop, dataset.image_size)
+    if warning:
+        log.warning("%s", warning[0].upper() + warning[1:])
 
 
 def _fingerprint(cfg, knobs, settings, dataset, ids) -> dict[str, Any]:
@@ -244,6 +257,8 @@ def _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights) ->
         for evaluator in run.evaluators:
             res.update(evaluator.evaluate())
         res["complete"] = len(run.records.done) == len(ids)
+        if rundir.state.get("skipped"):
+            res["skipped"] = rundir.state["skipped"]
         res["images_resumed"] = run.records.resumed
         write_json_atomic(run.setting.out_dir / "results.json", res)
         results[run.setting.name or ""] = res
