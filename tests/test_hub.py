@@ -79,3 +79,16 @@ def test_local_server_is_reachable_and_the_answer_is_cached(monkeypatch):
     assert hub_reachable() is True  # cached for the process
     hub_reachable.cache_clear()
     assert hub_reachable(timeout=0.5) is False
+
+
+def test_weights_fail_fast_with_the_offline_message_when_the_hub_is_silent(monkeypatch, tmp_path):
+    from diffseg.backbones import WeightsNotFoundError, resolve_weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError, match="cannot be reached.*segmind/SSD-1B"):
+        resolve_weights("segmind/SSD-1B", "sdxl")
+    assert time.perf_counter() - start < 5.0

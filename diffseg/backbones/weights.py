@@ -105,6 +105,11 @@ def resolve_weights(model_id_or_path: str | os.PathLike, family: str = "sd") -> 
             f"model weights folder {path} does not exist. " + fix_message(source, family)
         )
     offline = _offline()
+    if not offline:
+        from ..hub import hub_reachable
+
+        # No answer from the hub: use the local cache only, instead of 30 s of retries per file.
+        offline = not hub_reachable()
     try:
         from huggingface_hub import hf_hub_download
 
@@ -112,7 +117,8 @@ def resolve_weights(model_id_or_path: str | os.PathLike, family: str = "sd") -> 
     except Exception as err:  # offline miss, gated repo, unknown id, no network, bad id
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         where = (
-            "HF_HUB_OFFLINE is set and the weights are not in the local Hugging Face cache"
+            "the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE or no network) and the "
+            "weights are not in the local Hugging Face cache"
             if offline
             else "the Hugging Face Hub did not serve them"
         )
