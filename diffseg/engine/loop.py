@@ -21,7 +21,7 @@ from ..features import FeatureRequest, merge_requests
 from .evaluators import Evaluator, SegmentedBatch
 from .settings import Setting
 
-__all__ = ["SettingRun", "StageTimes", "run_loop"]
+__all__ = ["SettingRun", "StageTimes", "predict", "run_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,42 @@ def _drop_skipped(batch: dict[str, Any], times: StageTimes) -> dict[str, Any] | 
     }
 
 
-def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict) -> None:
+def predict(method, features, size: int, hints, labels, background: tuple[int, int] | None):
+    """A method's labels ``(B, S, S)`` on the CPU; on a dataset with a background class
+    (``background = (index, num_classes)``) the segments no object class claims are merged into
+    one background segment (:func:`eval.metrics.merge_background`) before the method's label
+    refinement, as DiffCut's release orders them."""
+    if background is None:
+        return method.segment(features, size, hints).cpu()
+    from eval.metrics import merge_background
+
+    deferred = bool(getattr(method, "refines_labels", False))
+    raw = (method.segment_unrefined if deferred else method.segment)(features, size, hints)
+    index, num_classes = background
+    merged = torch.stack(
+        [
+            merge_background(p, lab, index, num_classes)
+            for p, lab in zip(raw.cpu(), labels, strict=True)
+        ]
+    )
+    if deferred:
+        merged = method.refine_labels(merged.to(raw.device), features)
+    return merged.cpu()
+
+
+def _segment(
+    run: SettingRun, features, ids, items, resolution: int, timer: dict, background
+) -> None:
     pending = [k for k, i in enumerate(ids) if i not in run.records.done]
     if not pending:
         return
     method = run.setting.method
     t0 = time.perf_counter()
     hints = {}
+    labels = [items[k]["label"] for k in pending] if "label" in items[0] else None
     if "num_classes" in getattr(method, "hints", ()):
-        hints["num_classes"] = classes_per_image(torch.stack([items[k]["label"] for k in pending]))
-    preds = method.segment(features.select(pending), resolution, hints or None).cpu()
+        hints["num_classes"] = classes_per_image(torch.stack(labels))
+    preds = predict(method, features.select(pending), resolution, hints or None, labels, background)
     t1 = time.perf_counter()
     done = SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
     for evaluator in run.evaluators:
@@ -121,6 +147,7 @@ def run_loop(
     device: torch.device,
     dtype: torch.dtype,
     on_batch: Callable[[int, list[str]], None] | None = None,
+    background: tuple[int, int] | None = None,
 ) -> StageTimes:
     """Segment every batch of ``loader`` with every setting of ``runs``.
 
@@ -131,6 +158,8 @@ def run_loop(
         resolution: the evaluation size ``S`` of the predictions.
         on_batch: called after each batch, once its records are durable, with the number of
             images finished in this session and the batch's ids (progress, logging, tests).
+        background: ``(background class, number of classes)`` for datasets with a background
+            class (see :func:`predict`); None otherwise.
 
     Returns:
         the :class:`StageTimes` of this session.
@@ -154,7 +183,7 @@ def run_loop(
         timer["features"] = time.perf_counter() - t0
         items = _split_items({k: v for k, v in batch.items() if k != "id"} | {"id": ids})
         for run, request in zip(runs, requests, strict=True):
-            _segment(run, features[request.pass_key], ids, items, resolution, timer)
+            _segment(run, features[request.pass_key], ids, items, resolution, timer, background)
         _account(times, timer, len(ids), first=processed == 0)
         _after_first_batch(backbone, runs)
         processed += len(ids)

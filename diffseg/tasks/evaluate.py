@@ -203,7 +203,14 @@ def _loop(dataset, todo, backbone, runs, knobs, progress):
             knobs["device"],
             knobs["dtype"],
             on_batch=progress.update,
+            background=_background(dataset),
         )
+
+
+def _background(dataset) -> tuple[int, int] | None:
+    """``(background class, classes)`` of a dataset with a background class, else None."""
+    index = getattr(dataset, "background_index", None)
+    return None if index is None else (int(index), int(dataset.num_classes))
 
 
 def _session(started: str, t_start: float, images: int, stages, knobs) -> dict[str, Any]:
