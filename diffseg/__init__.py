@@ -1,10 +1,12 @@
-"""DiffSeg in PyTorch: unsupervised zero-shot segmentation from Stable Diffusion self-attention.
+"""diffseg: zero-shot segmentation from diffusion models' attention, in PyTorch.
 
-The public API, one name per stage (see README.md):
+The public API (see README.md):
 
-- :class:`StableDiffusionBackbone`: images -> per-resolution self-attention maps;
-- :class:`DiffSeg`: attention maps -> segment ids (the paper's method);
-- :class:`KMeansSegmentor` (``kmeans_c``, ``kmeans_s``): the paper's K-Means baselines;
+- backbones: :class:`StableDiffusionBackbone` (SD 1.x/2.x), :class:`SDXLBackbone` (SDXL, SSD-1B,
+  Vega), :func:`build_backbone` (by registered name); images -> :class:`Features`;
+- methods: :class:`DiffSeg`, the K-Means baselines (:class:`KMeansSegmentor`, ``kmeans_c``,
+  ``kmeans_s``), :class:`DiffCut` (and :func:`pamr`, its refinement);
+- generation: :class:`SeeDiff` (image / mask pairs from Stable Diffusion);
 - ``diffseg.data``: the benchmark datasets and image folders; ``eval.metrics``: the protocol.
 """
 
@@ -14,10 +16,16 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .baselines import KMeansSegmentor, kmeans_c, kmeans_s
+from .features import FeatureRequest, Features
+
+# Eager on purpose: the function must shadow its submodule's name on the package.
+from .pamr import pamr  # noqa: I001
 from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmetric_kl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backbone import StableDiffusionBackbone
+    from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
+    from .methods.diffcut import DiffCut
+    from .seediff import SeeDiff
 
 try:
     __version__ = version("diffseg")
@@ -25,9 +33,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0+unknown"
 
 __all__ = [
+    "DiffCut",
     "DiffSeg",
+    "FeatureRequest",
+    "Features",
     "KMeansSegmentor",
+    "SDXLBackbone",
+    "SeeDiff",
     "StableDiffusionBackbone",
+    "build_backbone",
+    "pamr",
     "aggregate_attention",
     "kmeans_c",
     "kmeans_s",
@@ -36,11 +51,23 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The backbone imports diffusers and transformers (seconds); load it only when asked for,
-    # so `import diffseg` stays cheap for users of the segmentor or the data alone.
-    if name == "StableDiffusionBackbone":
-        from .backbone import StableDiffusionBackbone
+# name -> (module, attribute). The backbones import diffusers and transformers (seconds) and
+# SeeDiff OpenCV: load them only when asked for, so `import diffseg` stays cheap.
+_LAZY = {
+    "StableDiffusionBackbone": (".backbones", "StableDiffusionBackbone"),
+    "SDXLBackbone": (".backbones", "SDXLBackbone"),
+    "build_backbone": (".backbones", "build_backbone"),
+    "DiffCut": (".methods.diffcut", "DiffCut"),
+    "SeeDiff": (".seediff", "SeeDiff"),
+}
 
-        return StableDiffusionBackbone
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        module, attribute = _LAZY[name]
+        value = getattr(import_module(module, __name__), attribute)
+        globals()[name] = value  # later lookups skip this function (and beat the submodule)
+        return value
     raise AttributeError(f"module 'diffseg' has no attribute {name!r}")
