@@ -640,6 +640,9 @@ class DiffSeg:
             ``min_prob`` and renormalises (for float16 attention that underflows to 0).
         refine_max_iter, refine_tol: K-Means settings of the refinement (scikit-learn's defaults).
         timestep: the diffusion timestep of its feature request; None = the backbone's (300).
+        pamr: refine the labels with PAMR as DiffCut does (its Table 1 row "DiffSeg" with
+            threshold 1 + PAMR); off in DiffSeg's own protocol. Needs :class:`Features` with
+            the input images.
 
     ``segment(maps)`` processes the images of a batch one after the other: the aggregated maps of
     one image are ``map_size**4`` floats (64 MB at 64) and the number of proposals varies per image.
@@ -664,6 +667,7 @@ class DiffSeg:
         refine_max_iter: int = 300,
         refine_tol: float = 1e-4,
         timestep: int | None = None,
+        pamr: bool = False,
     ) -> None:
         if isinstance(kl_threshold, int | float):
             n = 3 if num_iterations is None else int(num_iterations)
@@ -693,6 +697,7 @@ class DiffSeg:
         self.refine_max_iter = int(refine_max_iter)
         self.refine_tol = float(refine_tol)
         self.timestep = None if timestep is None else int(timestep)
+        self.pamr = bool(pamr)
         self.check_inputs = True
         self._anchors: dict[int, Tensor] = {}
 
@@ -726,11 +731,17 @@ class DiffSeg:
             "refine_max_iter": self.refine_max_iter,
             "refine_tol": self.refine_tol,
             "timestep": self.timestep,
+            "pamr": self.pamr,
         }
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
         return f"DiffSeg({args})"
+
+    @property
+    def refines_labels(self) -> bool:
+        """Whether :meth:`segment` ends with a label refinement (PAMR)."""
+        return self.pamr
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -823,8 +834,26 @@ class DiffSeg:
         Returns:
             int64 ``(B, S, S)`` segment ids (proposal indices) on the device of the maps.
         """
+        labels = self.segment_unrefined(features, output_size, hints)
+        return self.refine_labels(labels, features) if self.pamr else labels
+
+    def segment_unrefined(
+        self,
+        features: Features | Mapping[int, Tensor],
+        output_size: int = 512,
+        hints: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """:meth:`segment` without the PAMR step: ``(B, S, S)`` int64."""
         check_hints(self, hints)
         return torch.stack([self.nms(p, output_size) for p in self.propose(features)])
+
+    def refine_labels(self, labels: Tensor, features: Features) -> Tensor:
+        """PAMR refinement of ``labels`` (B, S, S) against the features' input images."""
+        from .methods.refine import pamr_refine
+
+        if not isinstance(features, Features):
+            raise ValueError("DiffSeg(pamr=True) needs Features with the input images")
+        return pamr_refine(labels, features)
 
 
 def check_hints(method: Any, hints: Mapping[str, Any] | None) -> dict[str, Any]:
