@@ -1,8 +1,8 @@
 """Capture of Stable Diffusion's self-attention probabilities through a diffusers processor.
 
-DiffSeg (SPEC.md section 3) needs, for every self-attention layer (``attn1`` of each transformer
-block of the UNet), the probabilities ``softmax(Q K^T * scale)`` of shape ``(heads, N, N)``,
-averaged over the layers of one token resolution and then over heads.
+DiffSeg (docs/diffseg.md section 3) needs, for every self-attention layer (``attn1`` of each
+transformer block of the UNet), the probabilities ``softmax(Q K^T * scale)`` of shape
+``(heads, N, N)``, averaged over the layers of one token resolution and then over heads.
 
 The capture is a diffusers attention processor, installed with ``unet.set_attn_processor`` on the
 self-attention layers only (cross-attention keeps its processor), never a patched ``forward``.
@@ -58,8 +58,8 @@ class AttentionStore:
     Keys are the side ``r`` of the square token grid (a layer with ``N`` tokens has ``r = sqrt(N)``).
     For every layer the processor adds ``mean_heads(softmax(Q K^T * scale))`` of shape
     ``(B, N, N)`` to ``sums[r]`` and records the layer's name; :meth:`maps` divides by the number
-    of layers. With equal head counts per layer (SD v1: 8) this is exactly SPEC.md's "mean over the
-    resolution's layers, then over heads".
+    of layers. With equal head counts per layer (SD v1: 8) this equals the mean over the
+    resolution's layers, then over heads (docs/diffseg.md section 3).
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""K-Means baselines of the paper (SPEC section 8): K-Means-C and K-Means-S.
+"""K-Means baselines of the paper (docs/diffseg.md section 8): K-Means-C and K-Means-S.
 
 Both cluster the same aggregated attention as DiffSeg (the 4096 maps of 64x64, as 4096-d vectors,
 Euclidean K-Means) and turn the cluster means into labels with DiffSeg's NMS (bilinear upsampling

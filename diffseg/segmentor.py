@@ -1,6 +1,6 @@
 """DiffSeg: unsupervised segmentation by merging Stable Diffusion self-attention maps.
 
-The steps of SPEC.md sections 4 and 5, each a function usable on its own (ablations, tests):
+The steps of docs/diffseg.md sections 4 and 5, each a function usable on its own (ablations, tests):
 
 1. :func:`aggregate_attention` -- the per-resolution attention ``{64: (B,4096,4096), 32: ...,
    16: ..., 8: ...}`` becomes one tensor ``(B, 4096, 64, 64)``: 4096 key maps of 64x64, one per
@@ -70,7 +70,7 @@ WeightsArg = str | Sequence[float] | Mapping[int, float]
 
 
 # --------------------------------------------------------------------------------------------
-# Aggregation (SPEC section 4)
+# Aggregation (docs/diffseg.md section 4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -207,11 +207,11 @@ def aggregate_attention(
 ) -> Tensor:
     """Aggregate multi-resolution self-attention into ``out_res**2`` maps of ``out_res x out_res``.
 
-    For each resolution ``r`` (SPEC section 4): every key map ``(r, r)`` is upsampled bilinearly to
-    ``(out_res, out_res)`` (half-pixel centres, no antialias, as Keras ``UpSampling2D``) and
-    renormalised to sum to 1; the query grid is tiled by nearest repetition (query ``(y, x)`` of the
-    output grid takes query ``(y // s, x // s)`` of ``r``, ``s = out_res // r``); the results are
-    summed with :func:`resolution_weights`.
+    For each resolution ``r`` (docs/diffseg.md section 4): every key map ``(r, r)`` is upsampled
+    bilinearly to ``(out_res, out_res)`` (half-pixel centres, no antialias, as Keras
+    ``UpSampling2D``) and renormalised to sum to 1; the query grid is tiled by nearest repetition
+    (query ``(y, x)`` of the output grid takes query ``(y // s, x // s)`` of ``r``,
+    ``s = out_res // r``); the results are summed with :func:`resolution_weights`.
 
     Args:
         maps: ``{r: (B, r*r, r*r)}`` attention probabilities (rows are queries, columns keys), e.g.
@@ -392,7 +392,7 @@ def symmetric_kl_reference(p: Tensor, q: Tensor, chunk: int = 64) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Merging (SPEC section 5)
+# Merging (docs/diffseg.md section 5)
 # --------------------------------------------------------------------------------------------
 
 
@@ -549,7 +549,7 @@ def refine_proposals(
 
 
 # --------------------------------------------------------------------------------------------
-# NMS (SPEC section 5)
+# NMS (docs/diffseg.md section 5)
 # --------------------------------------------------------------------------------------------
 
 
@@ -624,7 +624,8 @@ def attention_of(features: Features | Mapping[int, Tensor]) -> Mapping[int, Tens
 
 
 class DiffSeg:
-    """DiffSeg with the release's defaults (SPEC sections 4-5), on any backbone's grids.
+    """DiffSeg with the release's defaults (docs/diffseg.md sections 4-5; other backbones'
+    grids: section 9).
 
     Args:
         kl_threshold: ``tau``; a float is used for every iteration, a list gives one per iteration

@@ -1,7 +1,7 @@
 """Per-image Hungarian matching: pixel accuracy (ACC) and mean IoU for unsupervised segmentation.
 
-The protocol of the DiffSeg release (SPEC.md section 7, adapted there from PiCIE), applied to
-each image on its own:
+The protocol of the DiffSeg release (docs/diffseg.md section 7; the release adapted it from
+PiCIE), applied to each image on its own:
 
 1. Over the image's labelled pixels (``0 <= label < num_classes``; ``ignore_index`` is skipped),
    build the confusion matrix ``hist[c, k]`` (int64) with ``num_classes`` rows and

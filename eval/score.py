@@ -13,10 +13,10 @@ many-to-one matching first, see below) and ade20k.
 
 ``DIR`` holds one single-channel PNG per image, ``<id>.png`` (8- or 16-bit; values are segment
 ids, any ids, any number of them), at the evaluation resolution (``--resolution``, 512 or 320 in
-the paper). Labels come from the dataset loaders (``diffseg.data``), preprocessed as SPEC.md
-section 1, and each image is scored with the per-image Hungarian matching of ``eval.metrics``.
-Every check (missing, extra and wrongly sized files) runs before any scoring, and outputs are
-written only once everything succeeded.
+the paper). Labels come from the dataset loaders (``diffseg.data``), preprocessed as
+docs/diffseg.md section 1, and each image is scored with the per-image Hungarian matching of
+``eval.metrics``. Every check (missing, extra and wrongly sized files) runs before any scoring,
+and outputs are written only once everything succeeded.
 
 For datasets with a background class (``background_index`` of the loader: voc, context,
 coco_object) each prediction first goes through ``eval.metrics.merge_background`` (DiffCut's
@@ -41,7 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from eval.metrics import HungarianMetrics, json_safe, merge_background
 
-PROTOCOL = "per-image Hungarian matching (SPEC.md section 7; eval/README.md)"
+PROTOCOL = "per-image Hungarian matching (docs/diffseg.md section 7; eval/README.md)"
 BACKGROUND_PROTOCOL = "many-to-one background merge (DiffCut), then " + PROTOCOL
 _COCO_NAMES = ("coco_stuff27", "cocostuff27", "coco_stuff", "coco_object")
 DATASET_CHOICES = ["coco_stuff27", "cityscapes", "voc", "context", "coco_object", "ade20k"]

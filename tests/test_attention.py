@@ -50,7 +50,7 @@ def _inputs(unet: UNet2DConditionModel, batch: int = 2, side: int = 16, seed: in
 
 def _reference_maps(unet, latent, timestep, context) -> dict[int, torch.Tensor]:
     """softmax(Q K^T / sqrt(d)) recomputed from each attn1's own input and projections (hooks),
-    then per resolution: mean over layers, then over heads (SPEC.md section 3)."""
+    then per resolution: mean over layers, then over heads (docs/diffseg.md section 3)."""
     per_layer: dict[int, list[torch.Tensor]] = {}
     handles = []
 

@@ -1,4 +1,5 @@
-"""Dataset loaders and SPEC section 1 preprocessing, on fixture files in the real formats."""
+"""Dataset loaders and their preprocessing (docs/diffseg.md section 1), on fixture files in the
+real formats."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ META = json.loads((REPO / "datasets" / "coco_stuff27_fine_to_coarse.json").read_
 
 
 # ----------------------------------------------------------------------------- references
-# Independent implementations of the SPEC formulas, written from the text, in float64 numpy.
+# Independent implementations of the formulas of docs/diffseg.md section 1, written from the text,
+# in float64 numpy.
 
 
 def ref_crop(x: np.ndarray) -> np.ndarray:

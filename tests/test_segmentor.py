@@ -1,4 +1,5 @@
-"""DiffSeg's steps (SPEC sections 4-5) and the whole segmentor on structured synthetic attention."""
+"""DiffSeg's steps (docs/diffseg.md sections 4-5) and the whole segmentor on structured synthetic
+attention."""
 
 import json
 

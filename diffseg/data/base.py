@@ -45,7 +45,7 @@ def make_lut(mapping: dict[int, int], default: int) -> np.ndarray:
 
 
 class ImageDataset(Dataset):
-    """A list of image files, preprocessed as SPEC section 1 (no labels).
+    """A list of image files, preprocessed as docs/diffseg.md section 1 (no labels).
 
     Attributes:
         ids: one string per image (file stem or relative path without extension).

@@ -61,7 +61,7 @@ def cityscapes_layout_help(root: Path, split: str = "val") -> str:
 
 
 class Cityscapes27(LabelledDataset):
-    """Cityscapes-27 (SPEC section 6): every ``*_leftImg8bit.png`` of the split with its
+    """Cityscapes-27 (docs/diffseg.md section 6): every ``*_leftImg8bit.png`` of the split with its
     ``*_gtFine_labelIds.png``; labelIds 7..33 map to 0..26, 0..6 (void classes) to -1
     (ignored). Any other stored value (34..255, or wider) cannot come from the official files,
     so reading it is an error naming the file and the value, as for COCO-Stuff.

@@ -90,7 +90,8 @@ def _layout_hint(root: Path, folder: str) -> str:
 
 
 class CocoStuff27(LabelledDataset):
-    """COCO-Stuff-27 (SPEC section 6): 27 coarse classes, label values through the 182 -> 27 map.
+    """COCO-Stuff-27 (docs/diffseg.md section 6): 27 coarse classes, label values through the
+    182 -> 27 map.
 
     Layout under ``root`` (default ``<data root>/cocostuff``): ``images/val2017/<id>.jpg`` and
     ``annotations/val2017/<id>.png`` (the official stuffthingmaps PNGs: values 0..181 =

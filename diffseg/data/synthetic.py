@@ -30,7 +30,8 @@ class SyntheticVOC(LabelledDataset):
     Args:
         root: the dataset folder (``output_dir`` of ``generate.py``).
         split: the ``ImageSets/Segmentation/<split>.txt`` list (``train``).
-        image_size, label_size: model input and label sides (SPEC section 1 preprocessing).
+        image_size, label_size: model input and label sides (preprocessing: docs/diffseg.md
+            section 1).
         ids: use these ids instead of the split list.
 
     Items: ``image`` float32 (3, image_size, image_size) in [-1, 1], ``label`` int64

@@ -1,4 +1,4 @@
-"""Preprocessing of SPEC section 1: centre square crop, resize, scaling to [-1, 1].
+"""Preprocessing of docs/diffseg.md section 1: centre square crop, resize, scaling to [-1, 1].
 
 The reference (TensorFlow) pipeline is: decode to uint8, crop the centre square of side
 c = min(H, W) starting at row (H - c) // 2 and column (W - c) // 2, then
