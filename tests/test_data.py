@@ -522,8 +522,8 @@ def test_image_folder(tmp_path):
 def test_build_dataset(coco, city):
     assert isinstance(build_dataset("coco_stuff27", root=coco[0], ids=coco[1]), CocoStuff27)
     assert len(build_dataset("cityscapes", root=city[0], label_size=320)) == 3
-    with pytest.raises(ValueError, match="unknown dataset 'voc'.*coco_stuff27, cityscapes, folder"):
-        build_dataset("voc")
+    with pytest.raises(ValueError, match="unknown dataset 'pascal'.*coco_stuff27, cityscapes, folder, voc"):
+        build_dataset("pascal")
     with pytest.raises(ValueError, match="label_size must be a positive integer"):
         build_dataset("cityscapes", root=city[0], label_size=0)
 
