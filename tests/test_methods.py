@@ -75,3 +75,16 @@ def test_background_merge_comes_between_segmenting_and_refining():
     torch.testing.assert_close(
         predict(plain, feats, 16, None, None, None), plain.segment(feats, 16)
     )
+
+
+def test_diffseg_on_sdxl_and_sd21_grids():
+    """SDXL family at 1024: grids 64 and 32 (aggregated 64x64, x16 to 1024); SD 2.1 at 768:
+    96/48/24/12 (aggregated 96x96, x8 to 768)."""
+    for grids, size, out in (((64, 32), 64, 1024), ((96, 48, 24, 12), 96, 768)):
+        labels = sa.block_labels(2, 3, size)[None]
+        maps = sa.make_maps(labels, 6.0, resolutions=grids)
+        method = DiffSeg()
+        assert method.grid_size(maps) == size
+        pred = method.segment(Features(self_attention=maps), out)
+        assert pred.shape == (1, out, out) and pred.dtype == torch.int64
+        assert sa.region_agreement(pred[0, :: out // size, :: out // size], labels[0]) == (1.0, 6)
