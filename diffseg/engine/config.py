@@ -85,6 +85,18 @@ def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False)
     return value
 
 
+def _image_size(value: Any) -> int | None:
+    """The model input side: None = the backbone's native size; else a multiple of 64."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 64:
+        raise ConfigError(
+            f"image_size={value!r} is invalid; it is the model's input side in pixels, a "
+            "multiple of 64 (null = the backbone's native size)"
+        )
+    return value
+
+
 def check_config(cfg: DictConfig) -> dict[str, Any]:
     """Validate the top-level knobs; returns them resolved (device, dtypes, ints)."""
     try:
@@ -117,6 +129,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         "dtype": dtype,
         "vae_dtype": None if vae is None else resolve_dtype(vae, device),
         "attention_dtype": resolve_dtype(precision.get("attention") or "float32", device),
+        "image_size": _image_size(cfg.get("image_size")),
         "batch_size": _int_knob(cfg, "batch_size", 1),
         "limit": _int_knob(cfg, "limit", 1, allow_none=True),
         "num_workers": _int_knob(cfg, "num_workers", 0),

@@ -15,6 +15,8 @@ __all__ = [
 
 #: Keys of a dataset config that describe the benchmark rather than build the loader.
 DATASET_META_KEYS = ("name", "kl_threshold")
+#: Keys of a backbone config that other configs read (method defaults per family).
+BACKBONE_META_KEYS = ("image_size", "diffcut_tau")
 
 
 def _instantiate(cfg: dict[str, Any], **kwargs: Any) -> Any:
@@ -71,7 +73,7 @@ def build_dataset_from_config(
 
 def build_backbone_from_config(bb_cfg: dict[str, Any], knobs: dict[str, Any]) -> Any:
     """The backbone of a ``backbone`` config, on the run's device and precision."""
-    cfg = {k: v for k, v in bb_cfg.items() if k != "image_size"}
+    cfg = {k: v for k, v in bb_cfg.items() if k not in BACKBONE_META_KEYS}
     try:
         return _instantiate(
             cfg,

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..engine.config import check_config, plain
 from ..engine.evaluators import MetricEvaluator, OverlayWriter, PredictionWriter, SegmentCounter
-from ..engine.loop import SettingRun, run_loop
+from ..engine.loop import SettingRun, StageTimes, run_loop
 from ..engine.report import (
     RANDOM_WARNING,
     peak_memory,
@@ -68,7 +68,7 @@ def evaluate(
     settings = build_settings(
         plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir
     )
-    image_size = native_image_size(plain(cfg.backbone))
+    image_size = knobs["image_size"] or native_image_size(plain(cfg.backbone))
     dataset = build_dataset_from_config(
         plain(cfg.dataset), image_size, knobs["resolution"], cfg.get("preprocessing", "diffseg")
     )
@@ -97,11 +97,20 @@ def evaluate(
         _loud_warning()
     tracker = _tracker(cfg, rundir, settings, knobs, random_weights)
     try:
+        if backbone is not None:  # a later session with nothing to do reports it from here
+            rundir.state["backbone"] = backbone.describe()
         rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
         for run in runs:
             run.records.open()
         progress = Progress(len(todo), len(ids) - len(todo), runs, tracker, on_batch)
-        stages = _loop(dataset, todo, backbone, runs, knobs, progress)
+        stages = StageTimes()
+        try:
+            _loop(dataset, todo, backbone, runs, knobs, progress, stages)
+        except BaseException:  # Ctrl-C or an error: the images finished keep their session
+            if progress.done:
+                session = _session(started, t_start, progress.done, stages, knobs)
+                rundir.add_session({**session, "interrupted": True})
+            raise
         rundir.state["skipped"] = stages.skipped
         if progress.done or not rundir.state["sessions"]:
             rundir.add_session(_session(started, t_start, progress.done, stages, knobs))
@@ -179,7 +188,7 @@ def _setting_run(setting, dataset, ids, knobs, random_weights: bool, cfg) -> Set
     return SettingRun(setting, evaluators)
 
 
-def _loop(dataset, todo, backbone, runs, knobs, progress):
+def _loop(dataset, todo, backbone, runs, knobs, progress, stages):
     """The data loader over the images still to do, then :func:`run_loop` with a progress bar."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -204,6 +213,7 @@ def _loop(dataset, todo, backbone, runs, knobs, progress):
             knobs["dtype"],
             on_batch=progress.update,
             background=_background(dataset),
+            times=stages,
         )
 
 
@@ -245,7 +255,7 @@ def _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights) ->
     common = {
         "dataset": _dataset_summary(cfg, dataset, ids),
         "resolution": knobs["resolution"],
-        "backbone": backbone.describe() if backbone is not None else plain(cfg.backbone),
+        "backbone": rundir.state.get("backbone") or plain(cfg.backbone),
         "random_weights": random_weights,
         "limit": knobs["limit"],
         "seed": knobs["seed"],
@@ -334,15 +344,25 @@ def _remove_if_unstarted(run_dir: Path) -> None:
 
 
 def resume_hint(run_dir: Path) -> str:
-    """The command that continues an interrupted run or multirun."""
+    """The command that continues an interrupted run or multirun (quoted for a POSIX shell).
+
+    A multirun job's own overrides are one combination of the sweep, so the hint repeats the
+    command line's sweep (``sys.argv``) with the sweep dir pinned."""
+    import shlex
+
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    args = " ".join(hc.overrides.task)
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
-        sweep_dir = Path(hc.sweep.dir)
-        return f"python run.py -m {args} hydra.sweep.dir={sweep_dir}"
-    return f"python run.py {args} hydra.run.dir={run_dir}"
+        args = [
+            a
+            for a in sys.argv[1:]
+            if a not in ("-m", "--multirun") and not a.startswith("hydra.sweep.dir=")
+        ]
+        sweep_dir = Path(str(hc.sweep.dir)).absolute()
+        return shlex.join(["python", "run.py", "-m", *args, f"hydra.sweep.dir={sweep_dir}"])
+    args = list(hc.overrides.task)
+    return shlex.join(["python", "run.py", *args, f"hydra.run.dir={run_dir}"])
 
 
 def main(cfg: DictConfig) -> float | None:
