@@ -148,6 +148,7 @@ def run_loop(
     dtype: torch.dtype,
     on_batch: Callable[[int, list[str]], None] | None = None,
     background: tuple[int, int] | None = None,
+    times: StageTimes | None = None,
 ) -> StageTimes:
     """Segment every batch of ``loader`` with every setting of ``runs``.
 
@@ -160,13 +161,15 @@ def run_loop(
             images finished in this session and the batch's ids (progress, logging, tests).
         background: ``(background class, number of classes)`` for datasets with a background
             class (see :func:`predict`); None otherwise.
+        times: where to add the stage times (the caller keeps them when the loop is
+            interrupted); None = a new :class:`StageTimes`.
 
     Returns:
         the :class:`StageTimes` of this session.
     """
     requests: list[FeatureRequest] = [r.setting.method.feature_request() for r in runs]
     passes = merge_requests(requests)
-    times, processed = StageTimes(), 0
+    times, processed = times if times is not None else StageTimes(), 0
     t_wait = time.perf_counter()
     for batch in loader:
         timer = dict.fromkeys(STAGES, 0.0)

@@ -96,8 +96,9 @@ def print_summary(results: Mapping[str, Mapping[str, Any]], run_dir: Path) -> st
         f"{subset}, evaluated at {first['resolution']}x{first['resolution']}"
     )
     lines.append(
-        f"backbone  {bb['name']} ({bb.get('model_id') or 'random'}) at {bb['image_size']} px, "
-        f"unet {bb['precision']['unet']} on {bb['device']}"
+        f"backbone  {bb['name']} ({bb.get('model_id') or 'random'}) at "
+        f"{bb.get('image_size', '?')} px, unet {(bb.get('precision') or {}).get('unet', '?')} "
+        f"on {bb.get('device', '?')}"
     )
     lines.append("-" * 72)
     lines.append(f"{'setting':<40} {'images':>8} {'ACC':>8} {'mIoU':>8}")
