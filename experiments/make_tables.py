@@ -4,10 +4,13 @@
 
 Every ``results.json`` under the given folders (recursively; sweeps have one per setting) is a
 row. A run whose dataset, method, evaluation resolution and settings are the paper's gets the
-paper's ACC / mIoU (``experiments/paper_numbers.json``, SPEC.md section 8) and the difference.
-Runs on random weights (``backbone=tiny`` and the like) are never shown as results: they go to a
-separate, flagged Markdown table and are left out of the LaTeX one. Prints Markdown; with
-``--out DIR`` also writes ``DIR/tables.md`` and ``DIR/tables.tex``.
+paper's ACC / mIoU (``experiments/paper_numbers.json``) beside its own; the difference is printed
+only for a complete run on the full benchmark. A run on fewer images (``limit=``,
+``dataset.curated=false``, ``dataset.ids_file=``, or interrupted: results.json's
+``dataset.full_benchmark`` and ``complete``) is marked and gets no difference: its numbers are
+not comparable. Runs on random weights (``backbone=tiny`` and the like) are never shown as
+results: they go to a separate, flagged Markdown table and are left out of the LaTeX one. Prints
+Markdown; with ``--out DIR`` also writes ``DIR/tables.md`` and ``DIR/tables.tex``.
 """
 
 from __future__ import annotations
@@ -101,6 +104,37 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
+def coverage(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Which images a result covers: ``images`` (with a metric), ``expected`` (the run's images
+    after its limit), ``partial`` (the run did not finish them), ``subset`` (why it is not the
+    full benchmark, or None when it is). Results that do not say (an older layout) count as a
+    subset: only a run that says it is the whole benchmark is compared with the paper."""
+    ds = result.get("dataset") or {}
+    images = result.get("num_images")
+    expected = ds.get("num_images_run", result.get("images_expected"))
+    complete = result.get("complete")
+    partial = (complete is False) or (expected is not None and images != expected)
+    subset = None
+    if not ds.get("full_benchmark"):
+        if result.get("limit") is not None:
+            size = ds.get("size")
+            subset = f"limit={result['limit']}" + (f" of {size}" if size is not None else "")
+        elif ds.get("ids_file"):
+            subset = "ids_file"
+        elif ds.get("curated") is False:
+            subset = "curated=false"
+        elif "full_benchmark" in ds:
+            subset = "subset"
+        else:
+            subset = "full benchmark not recorded"
+    return {"images": images, "expected": expected, "partial": partial, "subset": subset}
+
+
+def comparable(row: Mapping[str, Any]) -> bool:
+    """A difference to the paper is printed only for a complete run on the full benchmark."""
+    return not row["partial"] and row["subset"] is None
+
+
 def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any]]) -> list[dict]:
     """One row per results.json with a metric: what the tables show."""
     rows = []
@@ -116,7 +150,6 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
         method = (r.get("method") or {}).get("name", "?")
         setting = r.get("setting") or ""
         where = _short_path(f.parent)
-        images, expected = r.get("num_images"), r.get("images_expected")
         rows.append(
             {
                 "path": where,
@@ -126,9 +159,7 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
                 "resolution": r.get("resolution"),
                 "backbone": (r.get("backbone") or {}).get("name", "?"),
                 "random": bool(r.get("random_weights")),
-                "images": images,
-                "expected": expected,
-                "partial": expected is not None and images != expected,
+                **coverage(r),
                 "acc": _num(r.get("acc")),
                 "miou": _num(r.get("miou")),
                 "paper": ref,
@@ -151,9 +182,17 @@ def _d(ours: float | None, paper: float | None) -> str:
 
 
 def _images(row: Mapping[str, Any]) -> str:
+    text = str(row["images"])
     if row["partial"]:
-        return f"{row['images']}/{row['expected']} (partial)"
-    return str(row["images"])
+        text = f"{row['images']}/{row['expected']} (partial)"
+    if row["subset"]:
+        text += f" ({row['subset']})"
+    return text
+
+
+def _delta(row: Mapping[str, Any], key: str) -> str:
+    paper = (row["paper"] or {}).get(key)
+    return _d(row[key], paper) if comparable(row) else "–"
 
 
 def _method_label(row: Mapping[str, Any]) -> str:
@@ -177,14 +216,15 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             out.append(
                 f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
                 f"| {r['resolution']} | {r['backbone']} | {_images(r)} "
-                f"| {_f(r['acc'])} | {_f(p.get('acc'))} | {_d(r['acc'], p.get('acc'))} "
-                f"| {_f(r['miou'])} | {_f(p.get('miou'))} | {_d(r['miou'], p.get('miou'))} "
+                f"| {_f(r['acc'])} | {_f(p.get('acc'))} | {_delta(r, 'acc')} "
+                f"| {_f(r['miou'])} | {_f(p.get('miou'))} | {_delta(r, 'miou')} "
                 f"| `{r['path']}` |"
             )
         out += ["", "Δ = this run minus the paper; – where the paper has no such setting."]
-        if any(r["partial"] for r in real):
+        if any(not comparable(r) for r in real):
             out.append(
-                "Partial runs (fewer images than the benchmark) are not comparable to the paper."
+                "Runs marked partial or with a subset (limit, curated=false, ids_file) are not "
+                "the full benchmark: no Δ, they are not comparable to the paper."
             )
     else:
         out.append("No run with trained weights found.")
@@ -208,7 +248,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             )
     out += [
         "",
-        "## The paper's numbers (SPEC.md section 8)",
+        "## The paper's numbers",
         "",
         "| dataset | method | ACC | mIoU |",
         "|---|---|---:|---:|",
@@ -239,7 +279,8 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
     real = [r for r in rows if not r["random"]]
     n_rand = len(rows) - len(real)
     out = [
-        "% Generated by experiments/make_tables.py; Delta = this run minus the paper.",
+        "% Generated by experiments/make_tables.py; Delta = this run minus the paper, for "
+        "complete runs on the full benchmark only.",
     ]
     if n_rand:
         out.append(f"% {n_rand} run(s) on RANDOM WEIGHTS left out: they are not results.")
@@ -252,16 +293,17 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in real:
         p = r["paper"] or {}
         method = _method_label(r) + (r" (partial)" if r["partial"] else "")
+        method += f" ({r['subset']})" if r["subset"] else ""
         cells = [
             DATASET_NAMES.get(r["dataset"], r["dataset"]),
             method,
             str(r["resolution"]),
             _f(r["acc"]),
             _f(p.get("acc")),
-            _d(r["acc"], p.get("acc")),
+            _delta(r, "acc"),
             _f(r["miou"]),
             _f(p.get("miou")),
-            _d(r["miou"], p.get("miou")),
+            _delta(r, "miou"),
         ]
         out.append(" & ".join(_tex(c).replace("–", "--") for c in cells) + r" \\")
     if not real:

@@ -1,46 +1,80 @@
-"""experiments/make_tables.py on results.json files shaped as the runner writes them."""
+"""experiments/make_tables.py on results.json files written by real (tiny-model) engine runs.
+
+Two runs of the engine on a fixture Cityscapes (2 images, DiffSeg at 320: the paper's setting):
+the whole dataset, which the engine records as the full benchmark, and ``limit=1``. No trained
+weights exist offline, so "trained" rows are the same files with only the weights flag turned
+off (what a run on SD v1.4 writes differs in nothing else that the tables read).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import fakedata
 import pytest
+from hydra import compose, initialize_config_dir
+
+from diffseg.tasks.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import make_tables  # noqa: E402
-
-SPEC = REPO.parent / "shared" / "SPEC.md"
 
 
-def write_result(path: Path, **kw) -> Path:
-    """A results.json like the runner's (only the keys make_tables reads, plus a few)."""
-    res = {
-        "dataset": {"name": kw.get("dataset", "coco_stuff27"), "curated": kw.get("curated", True)},
-        "resolution": kw.get("resolution", 512),
-        "backbone": {"name": kw.get("backbone", "sd14")},
-        "random_weights": kw.get("random", False),
-        "method": {"name": kw.get("method", "diffseg"), **kw.get("params", {})},
-        "segmentor": kw.get("segmentor"),
-        "setting": kw.get("setting"),
-        "acc": kw.get("acc", 70.0),
-        "miou": kw.get("miou", 40.0),
-        "num_images": kw.get("images", 2175),
-        "images_expected": kw.get("expected", 2175),
-    }
-    if res["segmentor"] is None:
-        del res["segmentor"]
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps(res))
-    return path / "results.json"
+def _load_make_tables():
+    spec = importlib.util.spec_from_file_location(
+        "make_tables", REPO / "experiments" / "make_tables.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-DIFFSEG = {"kl_threshold": 1.1, "num_points": 16, "num_iterations": 3, "refine": False}
+make_tables = _load_make_tables()
 
 
-def test_paper_numbers_match_spec_section_8():
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory, one_thread):
+    """``(folder of both runs, full run dir, limit=1 run dir)``, on random weights."""
+    from diffseg.backbones import build_backbone
+
+    base = tmp_path_factory.mktemp("tables")
+    root = base / "cityscapes"
+    assert len(fakedata.write_cityscapes(root, n=2, size=(32, 64), seed=2)) == 2
+    common = ["backbone=tiny", "logger=none", "dataset=cityscapes", f"dataset.root={root}"]
+    common += ["resolution=320", "num_workers=0", "num_overlays=0"]
+    backbone = build_backbone("tiny", seed=0)
+    runs = base / "random"
+    evaluate(compose_cfg(*common), runs / "full", backbone=backbone)
+    evaluate(compose_cfg(*common, "limit=1"), runs / "limit1", backbone=backbone)
+    return runs, runs / "full", runs / "limit1"
+
+
+def read(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def as_trained(src: Path, dst: Path) -> Path:
+    """A copy of a run dir whose results.json says the weights were trained."""
+    shutil.copytree(src, dst)
+    res = read(dst)
+    res.pop("WARNING", None)
+    res["random_weights"] = False
+    res["backbone"] = {**res["backbone"], "name": "sd14", "is_random": False}
+    (dst / "results.json").write_text(json.dumps(res))
+    return dst
+
+
+def test_paper_numbers():
     rows = {r["key"]: r for r in make_tables.load_paper()}
     expected = {
         "coco_diffseg_512": (72.5, 43.6),
@@ -54,91 +88,87 @@ def test_paper_numbers_match_spec_section_8():
         "cityscapes_diffseg_320": (76.0, 21.2),
     }
     assert {k: (r["acc"], r["miou"]) for k, r in rows.items()} == expected
-    if SPEC.is_file():  # the numbers as the spec's table states them
-        text = SPEC.read_text()
-        for acc, miou in expected.values():
-            assert f"{acc} / {miou}" in text or f"| {acc} | {miou} |" in text
 
 
-def test_matching_uses_dataset_method_resolution_and_settings(tmp_path):
+def test_engine_results_match_the_paper_and_say_what_they_cover(engine_runs):
+    _, full_dir, limit_dir = engine_runs
     paper = make_tables.load_paper()
-
-    def match(**kw):
-        f = write_result(tmp_path / "m", **kw)
-        return make_tables.paper_row(json.loads(f.read_text()), paper)
-
-    assert match(params=DIFFSEG)["key"] == "coco_diffseg_512"
-    assert match(params=DIFFSEG, resolution=320)["key"] == "coco_diffseg_320"
-    # the segmentor's own description (thresholds per iteration) wins over the config
-    seg = {
-        "name": "diffseg",
-        "kl_threshold": [1.1, 1.1, 1.1],
-        "num_iterations": 3,
-        "num_points": 16,
-        "refine": False,
+    full, limited = read(full_dir), read(limit_dir)
+    assert full["dataset"]["full_benchmark"] is True and full["complete"] is True
+    assert limited["dataset"]["full_benchmark"] is False and limited["limit"] == 1
+    # dataset, method, resolution and settings (the method's own description) are the paper's
+    assert make_tables.paper_row(full, paper)["key"] == "cityscapes_diffseg_320"
+    assert make_tables.paper_row(limited, paper)["key"] == "cityscapes_diffseg_320"
+    assert make_tables.coverage(full) == {
+        "images": 2,
+        "expected": 2,
+        "partial": False,
+        "subset": None,
     }
-    assert match(params=DIFFSEG, segmentor=seg)["key"] == "coco_diffseg_512"
-    assert match(params={**DIFFSEG, "kl_threshold": 0.9}) is None  # an ablation setting
-    assert match(params=DIFFSEG, curated=False) is None
-    assert match(params=DIFFSEG, resolution=448) is None
-    city = match(dataset="cityscapes", resolution=320, params={**DIFFSEG, "kl_threshold": 0.9})
-    assert city["key"] == "cityscapes_diffseg_320"
-    assert match(method="kmeans_c", params={"num_clusters": 6})["key"] == "coco_kmeans_c_512"
-    assert match(method="kmeans_c", params={"num_clusters": 8}) is None
-    assert match(method="kmeans_s", params={"num_clusters": None})["key"] == "coco_kmeans_s_512"
+    cov = make_tables.coverage(limited)
+    assert cov["subset"] == "limit=1 of 2" and not make_tables.comparable({**cov, "paper": None})
+    # another setting, another resolution, another method: not the paper's row
+    other = {**full, "method": {**full["method"], "kl_threshold": [1.1] * 3}}
+    assert make_tables.paper_row(other, paper) is None
+    assert make_tables.paper_row({**full, "resolution": 512}, paper) is None
+    assert make_tables.paper_row({**full, "method": {"name": "kmeans_c"}}, paper) is None
+    # a run that does not finish its images is partial
+    cov = make_tables.coverage({**full, "num_images": 1, "complete": False})
+    assert cov["partial"] is True and cov["expected"] == 2
 
 
-def test_tables_show_differences_and_flag_random_runs(tmp_path, capsys):
-    write_result(tmp_path / "runs/a", params=DIFFSEG, acc=71.34, miou=44.0)
-    write_result(
-        tmp_path / "runs/b/kl_threshold=0.9",
-        params={**DIFFSEG, "kl_threshold": 0.9},
-        setting="kl_threshold=0.9",
-        acc=60.0,
-        miou=30.0,
-    )
-    write_result(
-        tmp_path / "runs/c",
-        method="kmeans_c",
-        params={"num_clusters": 6},
-        acc=58.0,
-        miou=33.0,
-        images=100,
-    )
-    write_result(
-        tmp_path / "smoke", params=DIFFSEG, backbone="tiny", random=True, acc=12.3, miou=4.5
-    )
-    (tmp_path / "folder").mkdir()
-    (tmp_path / "folder/results.json").write_text(json.dumps({"acc": None, "miou": None}))
+def _row(md: str, path_part: str) -> str:
+    lines = [line for line in md.splitlines() if line.startswith("|") and path_part in line]
+    assert len(lines) == 1, (path_part, md)
+    return lines[0]
 
+
+def test_tables_give_deltas_only_to_the_full_benchmark(engine_runs, tmp_path, capsys):
+    runs, full_dir, limit_dir = engine_runs
+    trained = tmp_path / "trained"
+    as_trained(full_dir, trained / "full")
+    as_trained(limit_dir, trained / "limit1")
     out = tmp_path / "tables"
-    assert (
-        make_tables.main(
-            [
-                str(tmp_path / "runs"),
-                str(tmp_path / "smoke"),
-                str(tmp_path / "folder"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert make_tables.main([str(trained), str(runs), "--out", str(out)]) == 0
     md = capsys.readouterr().out
     assert md == (out / "tables.md").read_text()
     results, rest = md.split("## ⚠ RANDOM WEIGHTS")
-    # trained-weight runs, with the paper's numbers and the difference
-    assert "| 71.3 | 72.5 | -1.2 | 44.0 | 43.6 | +0.4 |" in results
-    assert "DiffSeg (kl_threshold=0.9)" in results and "| 60.0 | – | – |" in results
-    assert "100/2175 (partial)" in results
-    assert "12.3" not in results  # the random run is not among the results...
     random_part = rest.split("## The paper's numbers")[0]
-    assert "12.3" in random_part and "tiny ⚠ RANDOM WEIGHTS" in random_part  # ...but flagged
-    assert "| COCO-Stuff-27 | STEGO (trained, reported) | 56.9 | 28.2 |" in md
+
+    full, limited = read(full_dir), read(limit_dir)
+    row = _row(results, "trained/full")
+    acc, miou = full["acc"], full["miou"]
+    assert f"| {acc:.1f} | 76.0 | {acc - 76.0:+.1f} |" in row
+    assert f"| {miou:.1f} | 21.2 | {miou - 21.2:+.1f} |" in row
+    row = _row(results, "trained/limit1")
+    assert "| 1 (limit=1 of 2) |" in row  # marked...
+    assert f"| {limited['acc']:.1f} | 76.0 | – |" in row  # ...and never compared
+    assert f"| {limited['miou']:.1f} | 21.2 | – |" in row
+    assert "not the full benchmark" in results
+    # the runs on random weights are apart and flagged, never among the results
+    assert "random/" not in results
+    for name in ("random/full", "random/limit1"):
+        assert "⚠ RANDOM WEIGHTS" in _row(random_part, name)
+
     tex = (out / "tables.tex").read_text()
-    assert r"\toprule" in tex and "-1.2" in tex and "12.3" not in tex
-    assert "1 run(s) on RANDOM WEIGHTS left out" in tex
-    assert r"DiffSeg (kl\_threshold=0.9)" in tex
+    assert r"\toprule" in tex and "2 run(s) on RANDOM WEIGHTS left out" in tex
+    (full_tex,) = [line for line in tex.splitlines() if "DiffSeg &" in line]
+    (limit_tex,) = [line for line in tex.splitlines() if "DiffSeg (limit=1 of 2)" in line]
+    assert f"{acc - 76.0:+.1f}" in full_tex
+    assert limit_tex.count("--") == 2
+
+
+def test_script_runs_on_engine_output(engine_runs, tmp_path):
+    runs, _, _ = engine_runs
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "make_tables.py"), str(runs)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM WEIGHTS" in proc.stdout and "Cityscapes-27" in proc.stdout
 
 
 def test_no_results_is_a_clear_error(tmp_path, capsys):
@@ -147,7 +177,10 @@ def test_no_results_is_a_clear_error(tmp_path, capsys):
     assert "missing does not exist" in err and "no results.json" in err
 
 
-@pytest.mark.parametrize("value", [None, float("nan")])
-def test_missing_metric_rows_are_skipped(tmp_path, value):
-    write_result(tmp_path / "x", acc=value, miou=value)
+@pytest.mark.parametrize("value", [None, math.nan])
+def test_results_without_a_metric_are_skipped(engine_runs, tmp_path, value):
+    _, full_dir, _ = engine_runs
+    res = {**read(full_dir), "acc": value, "miou": value}  # as an image-folder run writes
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text(json.dumps(res))
     assert make_tables.collect([tmp_path], make_tables.load_paper()) == []
