@@ -243,7 +243,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
         for r in rand:
             out.append(
                 f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
-                f"| {r['resolution']} | {r['backbone']} ⚠ {RANDOM_MARK} | {_images(r)} "
+                f"| {r['resolution']} | {r['backbone'].replace(f' ({RANDOM_MARK})', '')} ⚠ {RANDOM_MARK} | {_images(r)} "
                 f"| {_f(r['acc'])} | {_f(r['miou'])} | `{r['path']}` |"
             )
     out += [

@@ -148,7 +148,7 @@ def test_tables_give_deltas_only_to_the_full_benchmark(engine_runs, tmp_path, ca
     # the runs on random weights are apart and flagged, never among the results
     assert "random/" not in results
     for name in ("random/full", "random/limit1"):
-        assert "⚠ RANDOM WEIGHTS" in _row(random_part, name)
+        assert "| tiny ⚠ RANDOM WEIGHTS |" in _row(random_part, name)
 
     tex = (out / "tables.tex").read_text()
     assert r"\toprule" in tex and "2 run(s) on RANDOM WEIGHTS left out" in tex
