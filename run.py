@@ -7,6 +7,9 @@
 See configs/config.yaml for every option and diffseg/tasks/evaluate.py for what a run writes.
 """
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -18,5 +21,19 @@ def main(cfg: DictConfig) -> float | None:
     return evaluate_main(cfg)
 
 
+def _torchrun_setup() -> None:
+    """Under torchrun: one run dir for every process (the main one's time stamp), and the
+    other processes' logs in run_rank<r>.log without rewriting the run dir's .hydra files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from diffseg.engine.distributed import agree_on_run_stamp
+
+    agree_on_run_stamp()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        sys.argv += [f"hydra.job.name=run_rank{rank}", "hydra.output_subdir=null"]
+
+
 if __name__ == "__main__":
+    _torchrun_setup()
     main()

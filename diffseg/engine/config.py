@@ -136,4 +136,6 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         "num_overlays": _int_knob(cfg, "num_overlays", 0),
         "seed": _int_knob(cfg, "seed", 0),
         "save_predictions": bool(cfg.get("save_predictions", False)),
+        "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
+        "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
     }

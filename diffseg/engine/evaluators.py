@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from ..errors import ResumeError
-from .records import CSV_COLUMNS, CSV_COLUMNS_UNLABELLED, RowWriter, read_per_image
+from .records import (
+    CSV_COLUMNS,
+    CSV_COLUMNS_UNLABELLED,
+    RowWriter,
+    merge_record_files,
+    read_all_records,
+)
 
 __all__ = [
     "Evaluator",
@@ -67,8 +73,11 @@ class _Records(Evaluator):
 
     columns: list[str] = []
 
-    def __init__(self, out_dir: Path, wanted: Sequence[str], random_weights: bool) -> None:
-        self.path = Path(out_dir) / "per_image.csv"
+    def __init__(
+        self, out_dir: Path, wanted: Sequence[str], random_weights: bool, suffix: str = ""
+    ) -> None:
+        self.folder = Path(out_dir)
+        self.path = self.folder / f"per_image{suffix}.csv"  # this process's own file
         self.wanted = set(wanted)
         self.random_weights = bool(random_weights)
         self.done: set[str] = set()
@@ -76,13 +85,20 @@ class _Records(Evaluator):
         self.writer: RowWriter | None = None
 
     def _load(self) -> list[dict[str, Any]]:
-        keep, self.done = [], set()
-        for rec in read_per_image(self.path, self.columns):
-            if rec["id"] in self.wanted and rec["id"] not in self.done:
-                self.done.add(rec["id"])
-                keep.append(rec)
-        self.resumed = len(keep)
+        """The records of every process's file that this run wants; sets ``done``."""
+        records = read_all_records(self.folder, self.columns, own=self.path)
+        keep = [rec for image_id, rec in records.items() if image_id in self.wanted]
+        self.done = {rec["id"] for rec in keep}
         return keep
+
+    def gather(self, order: Sequence[str]) -> None:
+        """Main process, after every process finished: fold all records into ``per_image.csv``
+        and take them all as this evaluator's state (what :meth:`evaluate` reports)."""
+        merge_record_files(self.folder, self.columns, order)
+        self._restore(self._load())
+
+    def _restore(self, records: list[dict[str, Any]]) -> None:
+        """Take ``records`` (already in ``done``) as the state; subclasses add their sums."""
 
     def open(self) -> None:
         """Start appending rows (after the run dir was claimed)."""
@@ -112,20 +128,25 @@ class MetricEvaluator(_Records):
         wanted: Sequence[str],
         class_names: Sequence[str],
         random_weights: bool,
+        suffix: str = "",
     ) -> None:
-        super().__init__(out_dir, wanted, random_weights)
+        super().__init__(out_dir, wanted, random_weights, suffix)
         self.class_names = list(class_names)
         self.metrics = None
 
     def reset(self) -> None:
+        records = self._load()
+        self.resumed = len(records)
+        self._restore(records)
+
+    def _restore(self, records: list[dict[str, Any]]) -> None:
         from eval.metrics import HungarianMetrics
 
         self.metrics = HungarianMetrics(num_classes=len(self.class_names))
-        records = self._load()
         try:
             self.metrics.add_records(records)
         except ValueError as err:
-            raise ResumeError(f"{self.path}: {err}") from None
+            raise ResumeError(f"{self.folder / 'per_image.csv'}: {err}") from None
 
     def process(self, batch: SegmentedBatch) -> None:
         labels = torch.stack([item["label"] for item in batch.items])
@@ -156,7 +177,7 @@ class SegmentCounter(_Records):
     columns = CSV_COLUMNS_UNLABELLED
 
     def reset(self) -> None:
-        self._load()
+        self.resumed = len(self._load())
 
     def process(self, batch: SegmentedBatch) -> None:
         counts = [int(torch.unique(p).numel()) for p in batch.preds]

@@ -18,7 +18,15 @@ from typing import Any
 
 from ..errors import ResumeError
 
-__all__ = ["CSV_COLUMNS", "CSV_COLUMNS_UNLABELLED", "RowWriter", "read_per_image"]
+__all__ = [
+    "CSV_COLUMNS",
+    "CSV_COLUMNS_UNLABELLED",
+    "RowWriter",
+    "merge_record_files",
+    "read_all_records",
+    "read_per_image",
+    "record_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +153,41 @@ class RowWriter:
         if not self._file.closed:
             self.sync()
             self._file.close()
+
+
+def record_files(folder: Path) -> list[Path]:
+    """``per_image.csv`` and the per-process ``per_image.rank<r>.csv`` files of a folder."""
+    main = [folder / "per_image.csv"] if (folder / "per_image.csv").exists() else []
+    return main + sorted(folder.glob("per_image.rank*.csv"))
+
+
+def read_all_records(
+    folder: Path, columns: Sequence[str], own: Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every process's records of a folder, by image id (the first row of an id wins). Only
+    ``own`` (this process's file) is repaired; the others are read as they are."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in record_files(folder):
+        for rec in read_per_image(path, columns, repair=path == own):
+            out.setdefault(rec["id"], rec)
+    return out
+
+
+def merge_record_files(folder: Path, columns: Sequence[str], order: Sequence[str]) -> None:
+    """Fold the per-process files into one ``per_image.csv`` (rows in ``order``; ids not in it
+    are kept after them), written beside it and renamed, then remove the per-process files."""
+    ranks = sorted(folder.glob("per_image.rank*.csv"))
+    if not ranks:
+        return
+    records = read_all_records(folder, columns)
+    ranked = {image_id: k for k, image_id in enumerate(order)}
+    rows = sorted(records.values(), key=lambda r: ranked.get(r["id"], len(ranked)))
+    tmp = folder / ".per_image.csv.merging"
+    tmp.unlink(missing_ok=True)
+    writer = RowWriter(tmp, columns)
+    for row in rows:
+        writer.write(row)
+    writer.close()
+    os.replace(tmp, folder / "per_image.csv")
+    for path in ranks:
+        path.unlink()

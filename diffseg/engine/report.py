@@ -19,7 +19,14 @@ import torch
 from .loop import STAGES
 from .rundir import write_json_atomic
 
-__all__ = ["RANDOM_WARNING", "peak_memory", "print_summary", "timing_summary", "versions"]
+__all__ = [
+    "RANDOM_WARNING",
+    "combine_sessions",
+    "peak_memory",
+    "print_summary",
+    "timing_summary",
+    "versions",
+]
 
 RANDOM_WARNING = (
     "RANDOM WEIGHTS: this run used a backbone with random weights (tests, smoke runs, compute "
@@ -45,6 +52,30 @@ def versions() -> dict[str, str]:
         except ImportError:
             pass
     return out
+
+
+def combine_sessions(sessions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One session entry for the processes of one launch: images and stage seconds summed,
+    the wall time of the slowest, each process's own entry kept under ``processes``."""
+    if len(sessions) == 1:
+        return dict(sessions[0])
+    first = dict(sessions[0])
+    seconds = {k: sum(s["stages"]["seconds"][k] for s in sessions) for k in STAGES}
+    timed = sum(s["stages"]["images_timed"] for s in sessions)
+    busy = sum(seconds.values())
+    first.update(
+        images=sum(s["images"] for s in sessions),
+        wall_time_s=max(s["wall_time_s"] for s in sessions),
+        stages={
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "images_timed": timed,
+            "images_per_s": round(timed / busy * len(sessions), 4) if timed and busy else None,
+            "warmup_s": max((s["stages"]["warmup_s"] or 0) for s in sessions),
+            "warmup_images": sum(s["stages"]["warmup_images"] for s in sessions),
+        },
+        processes=list(sessions),
+    )
+    return first
 
 
 def timing_summary(sessions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -15,16 +15,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.config import check_config, plain
+from ..engine.distributed import Dist, from_env, shard
 from ..engine.evaluators import MetricEvaluator, OverlayWriter, PredictionWriter, SegmentCounter
 from ..engine.loop import SettingRun, StageTimes, run_loop
 from ..engine.report import (
     RANDOM_WARNING,
+    combine_sessions,
     peak_memory,
     print_summary,
     timing_summary,
@@ -34,6 +38,7 @@ from ..engine.report import (
 from ..engine.rundir import RunDir, now, write_json_atomic
 from ..engine.settings import build_settings
 from ..errors import ConfigError, DataError, RunError
+from ..tracking import NullTracker
 from .build import (
     build_backbone_from_config,
     build_dataset_from_config,
@@ -47,8 +52,34 @@ __all__ = ["evaluate", "main"]
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Prepared:
+    """What a run is, before any model is loaded: options, settings, data, run dir, evaluators."""
+
+    knobs: dict[str, Any]
+    settings: list
+    dataset: Any
+    ids: list[str]
+    rundir: RunDir
+    runs: list[SettingRun]
+    dist: Dist
+    random_weights: bool
+
+    def todo(self) -> list[str]:
+        """The images this process segments: its shard of what no setting has finished."""
+        left = [i for i in self.ids if not all(i in r.records.done for r in self.runs)]
+        if self.dist.group:  # torchrun: shards of what is left, so any world size resumes
+            return shard(left, self.dist.rank, self.dist.world_size)
+        done = set(self.ids) - set(left)  # independent jobs: shards of the whole list
+        return [i for i in shard(self.ids, self.dist.rank, self.dist.world_size) if i not in done]
+
+
 def evaluate(
-    cfg: DictConfig, run_dir: str | Path, backbone: Any = None, on_batch=None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    backbone: Any = None,
+    on_batch=None,
+    merge_only: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the configured method setting(s) on the configured dataset into ``run_dir``.
 
@@ -58,13 +89,49 @@ def evaluate(
         backbone: an already loaded backbone to use instead of building ``cfg.backbone``.
         on_batch: called as ``on_batch(images_done, ids)`` after each durable batch (tests use it
             to interrupt a run).
+        merge_only: segment nothing; write the results from the records already there (the
+            merge step of independent shard jobs).
 
     Returns:
-        ``{"run_dir", "random_weights", "results": {setting name or "": results dict}}``.
+        ``{"run_dir", "random_weights", "results": {setting name or "": results dict}}``
+        (``results`` is empty on the processes that do not write them).
     """
     t_start, started = time.perf_counter(), now()
+    prep = _prepare(cfg, Path(run_dir))
+    todo = [] if merge_only else prep.todo()
+    if todo and backbone is None:
+        backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
+    if backbone is not None:
+        prep.random_weights = bool(backbone.is_random)
+    if prep.random_weights and prep.dist.is_main:
+        _loud_warning()
+    tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    try:
+        _claim(cfg, prep, backbone)
+        stages, done = _segment_all(prep, todo, backbone, tracker, on_batch, (started, t_start))
+        results = _finish(cfg, prep, stages, done, (started, t_start))
+        if results:
+            _log_to_tracker(tracker, results, prep.random_weights)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        for run in prep.runs:
+            for evaluator in run.evaluators:
+                evaluator.close()
+    tracker.finish(exit_code=0)
+    if results:
+        print_summary(results, prep.rundir.path)
+    return {"run_dir": str(run_dir), "random_weights": prep.random_weights, "results": results}
+
+
+def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
+    """Check the options, build the settings and the dataset, open the run dir and restore what
+    earlier sessions finished. Nothing heavy is loaded yet."""
     knobs = check_config(cfg)
-    run_dir = Path(run_dir)
+    dist = from_env(knobs["num_shards"], knobs["shard_index"], knobs["device"].type)
+    if dist.group and knobs["device"].type == "cuda" and knobs["device"].index is None:
+        knobs["device"] = torch.device("cuda", dist.local_rank)
     settings = build_settings(
         plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir
     )
@@ -73,59 +140,72 @@ def evaluate(
         plain(cfg.dataset), image_size, knobs["resolution"], cfg.get("preprocessing", "diffseg")
     )
     ids = _select_ids(dataset, knobs["limit"])
-    _warn_about_shapes(dataset)
+    if dist.is_main:
+        _warn_about_shapes(dataset)
     random_weights = is_random_config(plain(cfg.backbone))
     rundir = RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)).open()
-    runs = [_setting_run(s, dataset, ids, knobs, random_weights, cfg) for s in settings]
+    runs = [
+        _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
+    ]
     for run in runs:
         for evaluator in run.evaluators:
             evaluator.reset()
-    todo = [i for i in ids if not all(i in r.records.done for r in runs)]
-    if rundir.resumed:
-        log.info(
-            "resuming %s: %d of %d images done, %d to go",
-            run_dir,
-            len(ids) - len(todo),
-            len(ids),
-            len(todo),
-        )
-    if todo and backbone is None:
-        backbone = build_backbone_from_config(plain(cfg.backbone), knobs)
-    if backbone is not None:
-        random_weights = bool(backbone.is_random)
-    if random_weights:
-        _loud_warning()
-    tracker = _tracker(cfg, rundir, settings, knobs, random_weights)
-    try:
+    prep = _Prepared(knobs, settings, dataset, ids, rundir, runs, dist, random_weights)
+    if rundir.resumed and dist.is_main:
+        left = sum(1 for i in ids if not all(i in r.records.done for r in runs))
+        log.info("resuming %s: %d of %d images done, %d to go", run_dir, len(ids) - left,
+                 len(ids), left)  # fmt: skip
+    dist.barrier()  # every process has read the records before anyone appends to them
+    return prep
+
+
+def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
+    """From here on the run dir belongs to this configuration (the main process writes the
+    resolved config and run.json); then every process opens its own records."""
+    if prep.dist.is_main:
         if backbone is not None:  # a later session with nothing to do reports it from here
-            rundir.state["backbone"] = backbone.describe()
-        rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
-        for run in runs:
-            run.records.open()
-        progress = Progress(len(todo), len(ids) - len(todo), runs, tracker, on_batch)
-        stages = StageTimes()
-        try:
-            _loop(dataset, todo, backbone, runs, knobs, progress, stages)
-        except BaseException:  # Ctrl-C or an error: the images finished keep their session
-            if progress.done:
-                session = _session(started, t_start, progress.done, stages, knobs)
-                rundir.add_session({**session, "interrupted": True})
-            raise
-        rundir.state["skipped"] = stages.skipped
-        if progress.done or not rundir.state["sessions"]:
-            rundir.add_session(_session(started, t_start, progress.done, stages, knobs))
-        results = _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights)
-        _log_to_tracker(tracker, results, random_weights)
-    except BaseException:
-        tracker.finish(exit_code=1)
+            prep.rundir.state["backbone"] = backbone.describe()
+        prep.rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
+    prep.dist.barrier()
+    for run in prep.runs:
+        run.records.open()
+
+
+def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
+    """The loop over this process's images; an interrupted session keeps its stage times."""
+    resumed = len(prep.ids) - len([i for i in prep.ids if i in todo])
+    progress = Progress(len(todo), resumed, prep.runs, tracker, on_batch, prep.dist)
+    stages = StageTimes()
+    try:
+        _loop(prep.dataset, todo, backbone, prep.runs, prep.knobs, progress, stages)
+    except BaseException:  # Ctrl-C or an error: the images finished keep their session
+        if progress.done:
+            session = _session(*clock, progress.done, stages, prep.knobs)
+            prep.rundir.add_session({**session, "interrupted": True})
         raise
-    finally:
-        for run in runs:
-            for evaluator in run.evaluators:
-                evaluator.close()
-    tracker.finish(exit_code=0)
-    print_summary(results, run_dir)
-    return {"run_dir": str(run_dir), "random_weights": random_weights, "results": results}
+    return stages, progress.done
+
+
+def _finish(cfg, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
+    """Every process's session into run.json; the main process folds the records and writes the
+    results (independent shard jobs leave that to ``python -m diffseg.tasks.merge``)."""
+    session = _session(*clock, done, stages, prep.knobs)
+    sessions = prep.dist.gather({**session, "skipped": stages.skipped})
+    if not prep.dist.is_main and prep.dist.group:
+        return {}
+    prep.rundir.state["skipped"] = [s for ses in sessions for s in ses.pop("skipped")]
+    if any(s["images"] for s in sessions) or not prep.rundir.state["sessions"]:
+        prep.rundir.add_session(combine_sessions(sessions))
+    if prep.dist.world_size > 1 and not prep.dist.group:
+        log.info(
+            "shard %d of %d done; when every shard is, write the results with: "
+            "python -m diffseg.tasks.merge %s",
+            prep.dist.rank, prep.dist.world_size, prep.rundir.path,
+        )  # fmt: skip
+        return {}
+    for run in prep.runs:
+        run.records.gather(prep.ids)
+    return _report(cfg, prep)
 
 
 def _select_ids(dataset, limit: int | None) -> list[str]:
@@ -163,7 +243,9 @@ def _fingerprint(cfg, knobs, settings, dataset, ids) -> dict[str, Any]:
     }
 
 
-def _setting_run(setting, dataset, ids, knobs, random_weights: bool, cfg) -> SettingRun:
+def _setting_run(
+    setting, dataset, ids, knobs, random_weights: bool, cfg, suffix: str = ""
+) -> SettingRun:
     """A setting with its evaluators: predictions and overlays first, the records last."""
     out, labelled = setting.out_dir, bool(dataset.has_labels)
     meta = {
@@ -182,9 +264,9 @@ def _setting_run(setting, dataset, ids, knobs, random_weights: bool, cfg) -> Set
         photo = (lambda image_id: dataset.load_rgb(index_of[image_id])) if folder else None
         evaluators.append(OverlayWriter(out, shown, meta, load_photo=photo))
     if labelled:
-        evaluators.append(MetricEvaluator(out, ids, dataset.class_names, random_weights))
+        evaluators.append(MetricEvaluator(out, ids, dataset.class_names, random_weights, suffix))
     else:
-        evaluators.append(SegmentCounter(out, ids, random_weights))
+        evaluators.append(SegmentCounter(out, ids, random_weights, suffix))
     return SettingRun(setting, evaluators)
 
 
@@ -250,8 +332,10 @@ def _dataset_summary(cfg, dataset, ids) -> dict[str, Any]:
     }
 
 
-def _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights) -> dict[str, Any]:
+def _report(cfg, prep: _Prepared) -> dict[str, Any]:
     """``results.json`` for every setting (and ``sweep_results.json`` for several)."""
+    knobs, dataset, ids, runs = prep.knobs, prep.dataset, prep.ids, prep.runs
+    rundir, random_weights = prep.rundir, prep.random_weights
     common = {
         "dataset": _dataset_summary(cfg, dataset, ids),
         "resolution": knobs["resolution"],
@@ -284,9 +368,11 @@ def _report(cfg, knobs, dataset, ids, runs, rundir, backbone, random_weights) ->
     return results
 
 
-def _tracker(cfg, rundir: RunDir, settings, knobs, random_weights: bool):
+def _tracker(cfg, prep: _Prepared):
     from ..tracking import build_tracker
 
+    rundir, settings, knobs = prep.rundir, prep.settings, prep.knobs
+    random_weights = prep.random_weights
     tags = [str(cfg.dataset.name), settings[0].method_name, f"res{knobs['resolution']}"]
     tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
     config = dict(plain(cfg), random_weights=random_weights)
@@ -391,5 +477,7 @@ def main(cfg: DictConfig) -> float | None:
             flush=True,
         )
         raise SystemExit(130) from None
+    if not out["results"]:  # a process that leaves the results to the main one
+        return None
     miou = next(iter(out["results"].values())).get("miou")
     return None if miou is None else float(miou)

@@ -28,9 +28,14 @@ class Progress:
         runs: Sequence[Any],
         tracker,
         on_batch: Callable[[int, list[str]], None] | None = None,
+        dist=None,
         log_every: int = 25,
     ) -> None:
         self.total, self.resumed, self.runs = total, resumed, runs
+        # Several processes: the main one shows the whole run's progress, estimated as its own
+        # times the number of processes (no collective per batch: shards may differ by one).
+        self.scale = dist.world_size if dist is not None and dist.group else 1
+        self.show = dist is None or dist.is_main
         self.tracker, self.on_batch, self.log_every = tracker, on_batch, log_every
         self.done = 0
         self.bar = None
@@ -40,11 +45,11 @@ class Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=self.total,
+            total=self.total * self.scale,
             unit="img",
             desc="segmenting",
             dynamic_ncols=True,
-            disable=not self.total,
+            disable=not self.total or not self.show,
             file=sys.stderr,
         )
         self._t0 = time.perf_counter()
@@ -56,9 +61,9 @@ class Progress:
     def update(self, done: int, ids: list[str]) -> None:
         step = done - self.done
         self.done = done
-        self.bar.update(step)
+        self.bar.update(step * self.scale)
         head = self.runs[0].records
-        if hasattr(head, "running"):
+        if self.show and hasattr(head, "running"):
             m = head.running()
             self.bar.set_postfix(acc=f"{m['acc']:.1f}", miou=f"{m['miou']:.1f}")
             if done % self.log_every < step or done == self.total:
