@@ -142,7 +142,8 @@ def refine_labels(
     """DiffCut's refinement of a label map: one-hot, PAMR, argmax, 3x3 median.
 
     Each image has one channel per distinct label (sorted), so its output ids are the ranks
-    of its labels: 0..K_b-1, renumbered like the release's output.
+    of its labels in 0..K_b-1, as in the release's output (the median may
+    remove a rank).
 
     Args:
         image: float (B, 3, S, S') on the labels' grid (DiffCut: RGB in [0, 1]).
