@@ -82,6 +82,7 @@ def from_env(num_shards: int = 1, shard_index: int = 0, device_type: str = "cpu"
 
     The group uses gloo on every device: it only carries barriers and small Python objects (the
     images themselves never cross processes), and gloo needs no GPU to be chosen per rank."""
+    _export_slurm_tasks()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if num_shards != 1:
@@ -95,6 +96,18 @@ def from_env(num_shards: int = 1, shard_index: int = 0, device_type: str = "cpu"
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
     return Dist(shard_index, num_shards, 0, group=False)
+
+
+def _export_slurm_tasks() -> None:
+    """Several Slurm tasks of one submitit job (``tasks_per_node`` > 1): set the variables
+    torchrun would (rank, world size, master address), so they form one process group."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "SUBMITIT_FOLDER" not in os.environ and "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
 
 
 def agree_on_run_stamp() -> None:
