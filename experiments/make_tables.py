@@ -69,6 +69,16 @@ def settings_of(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Random-weight backbones are matched to the row of the model whose layout they copy (their
+#: numbers are flagged as random in every table, never compared for real).
+STAND_INS = {"tiny": "sd14", "sd14_random": "sd14", "tiny_sdxl": "ssd1b", "sdxl_random": "ssd1b"}
+
+
+def _backbone(result: Mapping[str, Any]) -> str | None:
+    name = result.get("backbone_name")
+    return STAND_INS.get(name, name)
+
+
 def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> dict | None:
     """The paper row a result reproduces (same dataset, method, resolution and settings)."""
     dataset = (result.get("dataset") or {}).get("name")
@@ -79,6 +89,11 @@ def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> 
         if not match or row.get("dataset") != dataset or match.get("method") != method:
             continue
         if match.get("resolution") != result.get("resolution"):
+            continue
+        if "backbone" in match and _backbone(result) != match["backbone"]:
+            continue
+        preprocessing = (result.get("dataset") or {}).get("preprocessing", "diffseg")
+        if match.get("preprocessing", "diffseg") != preprocessing:
             continue
         if (
             "curated" in match

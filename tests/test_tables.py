@@ -87,7 +87,16 @@ def test_paper_numbers():
         "coco_picie": (48.1, 13.8),
         "cityscapes_diffseg_320": (76.0, 21.2),
     }
-    assert {k: (r["acc"], r["miou"]) for k, r in rows.items()} == expected
+    diffseg_rows = {k: (r["acc"], r["miou"]) for k, r in rows.items() if "diffcut" not in k}
+    assert diffseg_rows == expected
+    # DiffCut's tables (mIoU only): Table 1 with PAMR, and one value of each other row
+    table1 = [rows[f"diffcut_pamr_{d}"]["miou"] for d in
+              ("voc", "context", "coco_object", "coco_stuff27", "cityscapes", "ade20k")]  # fmt: skip
+    assert table1 == [65.2, 56.5, 34.1, 49.1, 30.6, 44.3]
+    assert rows["diffcut_no_pamr_cityscapes"]["miou"] == 28.4
+    assert rows["diffcut_sd14_ade20k"]["match"]["settings"]["tau"] == 0.2
+    assert rows["diffcut_tuned_coco_object"]["miou"] == 38.7
+    assert all(r["acc"] is None for k, r in rows.items() if "diffcut" in k)
 
 
 def test_engine_results_match_the_paper_and_say_what_they_cover(engine_runs):

@@ -7,10 +7,16 @@ variant swaps the recursive cut for one spectral clustering with an eigengap cho
 
 Features are cast to float32 and L2-normalised over channels, as the release does; the graph
 algebra runs on their device.
+
+As a method of the engine, DiffCut asks for the output of the last self-attention module of the
+UNet's down path (``attn1`` after its output projection, before the residual) at t = 50, with
+Gaussian noise from a generator seeded 42 on the model's device, for the empty prompt; the UNet
+stops right after that module (docs/diffcut.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,23 +24,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..features import LAST_ENCODER_SELF_ATTENTION, FeatureRequest, Features
 from ..ncut import assign_concepts, autosc_labels, ncut_labels
 from ..pamr import refine_labels
+from ..segmentor import check_hints
+from .refine import images_for_labels
 
-__all__ = ["DiffCut", "DiffCutAutoSC", "pamr_input"]
+__all__ = ["DiffCut", "DiffCutAutoSC", "pamr_input", "token_grid"]
+
+#: The image PAMR compares pixels of (one helper for every method: methods/refine.py).
+pamr_input = images_for_labels
+
+#: DiffCut's UNet pass: t = 50, noise from a generator seeded 42 (release constants).
+DIFFCUT_TIMESTEP = 50
+DIFFCUT_NOISE_SEED = 42
 
 
-def pamr_input(images: Tensor, size: int) -> Tensor:
-    """Model input (B, 3, H, W) in [-1, 1] -> float32 RGB in [0, 1] on a (size, size) grid
-    (bilinear, half-pixel centres, no antialias): the image PAMR compares pixels of."""
-    rgb = (images.float() + 1) / 2
-    return F.interpolate(
-        rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=False
-    )
+def token_grid(output: Tensor) -> Tensor:
+    """A captured module output as a token grid: (B, N, C) tokens in row-major order (or an
+    already spatial (B, C, h, w)) -> float32 (B, C, h, w), h = w = sqrt(N)."""
+    if output.dim() == 4:
+        return output.float()
+    if output.dim() != 3:
+        raise ValueError(f"expected a (B, N, C) module output, got {tuple(output.shape)}")
+    b, n, c = output.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} tokens are not a square grid")
+    return output.float().transpose(1, 2).reshape(b, c, side, side)
 
 
 class _TokenSegmenter:
-    """Shared pipeline: token labels per image, concept assignment, optional PAMR."""
+    """Shared pipeline: token labels per image, concept assignment, optional PAMR; and the
+    method contract of the engine (:mod:`diffseg.methods`)."""
+
+    #: Per-image inputs :meth:`segment` takes through ``hints`` (none).
+    hints: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -42,11 +67,69 @@ class _TokenSegmenter:
         mask_size: int,
         pamr_iter: int = 10,
         pamr_dilations: Sequence[int] = (1, 2, 4, 8),
+        layer: str = LAST_ENCODER_SELF_ATTENTION,
+        timestep: int = DIFFCUT_TIMESTEP,
+        noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
         self.refine = bool(refine)
         self.mask_size = int(mask_size)
         self.pamr_iter = int(pamr_iter)
         self.pamr_dilations = tuple(int(d) for d in pamr_dilations)
+        self.layer = str(layer)
+        self.timestep = int(timestep)
+        self.noise_seed = None if noise_seed is None else int(noise_seed)
+        self.check_inputs = True
+
+    # -- the method contract -------------------------------------------------------------------
+
+    def feature_request(self) -> FeatureRequest:
+        """One module's output (by default the last down-path ``attn1``) at t = 50 with seeded
+        noise, empty prompt."""
+        return FeatureRequest(
+            modules=(self.layer,), timestep=self.timestep, noise_seed=self.noise_seed
+        )
+
+    def features(self, backbone, images: Tensor) -> Tensor:
+        """The token features its request defines: ``images`` (B, 3, H, W) in [-1, 1] through
+        ``backbone`` (a :class:`diffseg.backbones.DiffusionBackbone`) -> float32 (B, C, h, w)
+        (SSD-1B at 1024 px: (B, 1280, 32, 32))."""
+        extracted = backbone.extract(images, self.feature_request())
+        return token_grid(extracted.modules[self.layer])
+
+    @property
+    def refines_labels(self) -> bool:
+        """Whether :meth:`segment` ends with PAMR."""
+        return self.refine
+
+    def segment(
+        self, features: Features, output_size: int | None = None, hints: dict | None = None
+    ) -> Tensor:
+        """Segment a batch from a feature pass: int64 (B, S, S) (see :meth:`segment_features`)."""
+        labels = self.segment_unrefined(features, output_size, hints)
+        return self.refine_labels(labels, features) if self.refine else labels
+
+    def segment_unrefined(
+        self, features: Features, output_size: int | None = None, hints: dict | None = None
+    ) -> Tensor:
+        """:meth:`segment` without PAMR: the assigned labels, int64 (B, S, S)."""
+        check_hints(self, hints)
+        if self.layer not in features.modules:
+            raise ValueError(f"these features hold no output of {self.layer!r}; request it")
+        size = self.mask_size if output_size is None else int(output_size)
+        return self._assign(token_grid(features.modules[self.layer]), size)
+
+    def refine_labels(self, labels: Tensor, features: Features | Tensor) -> Tensor:
+        """PAMR (with this instance's settings) of ``labels`` (B, S, S) against the input images
+        (a :class:`Features`' ``images``, or the images themselves, (B, 3, H, W) in [-1, 1])."""
+        images = features.images if isinstance(features, Features) else features
+        if images is None:
+            raise ValueError("PAMR needs the input images (B, 3, H, W) in [-1, 1]")
+        image = images_for_labels(images.to(labels.device), labels.shape[-1])
+        return refine_labels(image, labels, self.pamr_iter, self.pamr_dilations)
+
+    def _assign(self, features: Tensor, size: int) -> Tensor:
+        feats = F.normalize(features.float(), dim=1)
+        return torch.stack([assign_concepts(f, self.token_labels(f), size) for f in feats])
 
     def token_labels(self, features: Tensor) -> Tensor:
         """Segments of one image's tokens: features float (C, h, w), normalised -> int64 (h, w)."""
@@ -73,18 +156,17 @@ class _TokenSegmenter:
         if self.refine and images is None:
             raise ValueError("refine=True needs the input images (B, 3, H, W) in [-1, 1]")
         size = self.mask_size if output_size is None else int(output_size)
-        feats = F.normalize(features.float(), dim=1)
-        labels = torch.stack([assign_concepts(f, self.token_labels(f), size) for f in feats])
-        if not self.refine:
-            return labels
-        image = pamr_input(images.to(labels.device), size)
-        return refine_labels(image, labels, self.pamr_iter, self.pamr_dilations)
+        labels = self._assign(features, size)
+        return self.refine_labels(labels, images) if self.refine else labels
 
     def _pamr_settings(self) -> dict[str, Any]:
         return {
             "refine": self.refine,
             "pamr_iter": self.pamr_iter,
             "pamr_dilations": list(self.pamr_dilations),
+            "layer": self.layer,
+            "timestep": self.timestep,
+            "noise_seed": self.noise_seed,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -92,7 +174,7 @@ class _TokenSegmenter:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
         return f"{type(self).__name__}({args})"
 
 
@@ -107,6 +189,9 @@ class DiffCut(_TokenSegmenter):
         mask_size: default output side (the release evaluates at 128).
         num_thresholds: split candidates per node.
         pamr_iter, pamr_dilations: PAMR settings (10 iterations at 1, 2, 4, 8).
+        layer: the UNet module whose output is the feature (a name, or the alias of the last
+            down-path self-attention).
+        timestep, noise_seed: the UNet pass (t = 50, noise seed 42; None = no noise).
     """
 
     name = "diffcut"
@@ -120,8 +205,11 @@ class DiffCut(_TokenSegmenter):
         num_thresholds: int = 100,
         pamr_iter: int = 10,
         pamr_dilations: Sequence[int] = (1, 2, 4, 8),
+        layer: str = LAST_ENCODER_SELF_ATTENTION,
+        timestep: int = DIFFCUT_TIMESTEP,
+        noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
-        super().__init__(refine, mask_size, pamr_iter, pamr_dilations)
+        super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
         self.tau = float(tau)
         self.alpha = alpha
         self.num_thresholds = int(num_thresholds)
@@ -132,7 +220,7 @@ class DiffCut(_TokenSegmenter):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "method": self.name,
+            "name": self.name,
             "tau": self.tau,
             "alpha": self.alpha,
             "num_thresholds": self.num_thresholds,
@@ -162,8 +250,11 @@ class DiffCutAutoSC(_TokenSegmenter):
         mask_size: int = 128,
         pamr_iter: int = 10,
         pamr_dilations: Sequence[int] = (1, 2, 4, 8),
+        layer: str = LAST_ENCODER_SELF_ATTENTION,
+        timestep: int = DIFFCUT_TIMESTEP,
+        noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
-        super().__init__(refine, mask_size, pamr_iter, pamr_dilations)
+        super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
         self.alphas = tuple(alphas)
         self.vectors_of_best = bool(vectors_of_best)
 
@@ -173,7 +264,7 @@ class DiffCutAutoSC(_TokenSegmenter):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "method": self.name,
+            "name": self.name,
             "alphas": list(self.alphas),
             "vectors_of_best": self.vectors_of_best,
             "mask_size": self.mask_size,

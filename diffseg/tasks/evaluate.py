@@ -340,6 +340,7 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
         "dataset": _dataset_summary(cfg, dataset, ids),
         "resolution": knobs["resolution"],
         "backbone": rundir.state.get("backbone") or plain(cfg.backbone),
+        "backbone_name": str(cfg.backbone.name),
         "random_weights": random_weights,
         "limit": knobs["limit"],
         "seed": knobs["seed"],
