@@ -9,7 +9,8 @@ neighbours (the centre is not one of them) gives the weights. Every iteration re
 mask value by the weighted sum of its neighbours' values, all channels at once.
 
 The neighbours are read through one precomputed index of clamped flat positions, so replicate
-padding costs nothing per iteration and the loop is one gather, one product and one sum.
+padding costs nothing per iteration and the loop is one gather, one product and one sum, on
+pixel-major (B, H*W, K) masks so that a gather moves a pixel's K values together.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ def pamr_weights(
     Returns:
         float (B, P, H * W), summing to 1 over P.
     """
-    flat = image.flatten(2)  # (B, C, HW)
-    neighbours = flat[..., index]  # (B, C, P, HW)
-    centre = flat[:, :, None, :]
-    samples = torch.cat([neighbours, centre.expand(-1, -1, num_dilations, -1)], dim=2)
-    sigma = samples.std(dim=2, keepdim=True)  # unbiased, (B, C, 1, HW)
+    b, c = image.shape[:2]
+    p, n = index.shape
+    flat = image.flatten(2).transpose(1, 2)  # (B, HW, C): gathers move whole pixels
+    neighbours = flat.index_select(1, index.reshape(-1)).view(b, p, n, c)
+    centre = flat[:, None]  # (B, 1, HW, C)
+    samples = torch.cat([neighbours, centre.expand(-1, num_dilations, -1, -1)], dim=1)
+    sigma = samples.std(dim=1, keepdim=True)  # unbiased, (B, 1, HW, C)
     logits = -(centre - neighbours).abs() / (1e-8 + sigma_scale * sigma)
-    return F.softmax(logits.mean(dim=1), dim=1)
+    return F.softmax(logits.mean(dim=3), dim=1)
 
 
 def pamr(
@@ -97,14 +100,16 @@ def pamr(
         raise ValueError(f"image {tuple(image.shape)} does not match masks {tuple(masks.shape)}")
     index = neighbour_index(h, w, dilations, masks.device)
     weights = pamr_weights(image.to(masks.device), index, len(dilations), sigma_scale)
-    weights = weights.to(masks.dtype)[:, None]  # (B, 1, P, HW)
+    weights = weights.to(masks.dtype)[..., None]  # (B, P, HW, 1)
     flat_index = index.reshape(-1)
-    current = masks.reshape(b, k, h * w).clone()
-    gathered = current.new_empty(b, k, flat_index.numel())
+    # (B, HW, K): each gather moves a pixel's K values together.
+    current = masks.new_empty(b, h * w, k)
+    current.copy_(masks.reshape(b, k, h * w).transpose(1, 2))  # a copy even when K = 1
+    gathered = current.new_empty(b, flat_index.numel(), k)
     for _ in range(num_iter):
-        torch.index_select(current, 2, flat_index, out=gathered)
-        torch.sum(gathered.view(b, k, -1, h * w).mul_(weights), dim=2, out=current)
-    return current.view(b, k, h, w)
+        torch.index_select(current, 1, flat_index, out=gathered)
+        torch.sum(gathered.view(b, -1, h * w, k).mul_(weights), dim=1, out=current)
+    return current.transpose(1, 2).reshape(b, k, h, w)
 
 
 def median3x3(labels: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,9 @@ def test_pamr_seediff_settings_and_changes_masks():
     g = torch.Generator().manual_seed(1)
     image = torch.rand(1, 3, 5, 6, generator=g) * 255
     mask = torch.rand(1, 1, 5, 6, generator=g)
+    before = mask.clone()
     out = pamr(image, mask, num_iter=4, dilations=(1,), sigma_scale=0.2)
+    assert torch.equal(mask, before)  # the input is left alone
     expected = _pamr_loop(image[0].double().numpy(), mask[0].numpy(), 4, (1,), 0.2)
     np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, mask)
