@@ -85,6 +85,15 @@ def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False)
     return value
 
 
+def _overlap(value: Any, device: torch.device) -> bool:
+    """Score on a background thread while the device works: null = on for CUDA devices."""
+    if value is None:
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise ConfigError(f"overlap={value!r} is invalid; use true, false or null (auto)")
+    return value
+
+
 def _image_size(value: Any) -> int | None:
     """The model input side: None = the backbone's native size; else a multiple of 64."""
     if value is None:
@@ -136,6 +145,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         "num_overlays": _int_knob(cfg, "num_overlays", 0),
         "seed": _int_knob(cfg, "seed", 0),
         "save_predictions": bool(cfg.get("save_predictions", False)),
+        "overlap": _overlap(cfg.get("overlap"), device),
         "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
         "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
     }

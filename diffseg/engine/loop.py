@@ -118,12 +118,11 @@ def predict(method, features, size: int, hints, labels, background: tuple[int, i
     return merged.cpu()
 
 
-def _segment(
-    run: SettingRun, features, ids, items, resolution: int, timer: dict, background
-) -> None:
+def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict, background):
+    """One setting's predictions for the images of the batch it still lacks, or None."""
     pending = [k for k, i in enumerate(ids) if i not in run.records.done]
     if not pending:
-        return
+        return None
     method = run.setting.method
     t0 = time.perf_counter()
     hints = {}
@@ -131,12 +130,39 @@ def _segment(
     if "num_classes" in getattr(method, "hints", ()):
         hints["num_classes"] = classes_per_image(torch.stack(labels))
     preds = predict(method, features.select(pending), resolution, hints or None, labels, background)
-    t1 = time.perf_counter()
-    done = SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
-    for evaluator in run.evaluators:
-        evaluator.process(done)
-    timer["method"] += t1 - t0
-    timer["scoring"] += time.perf_counter() - t1
+    timer["method"] += time.perf_counter() - t0
+    return SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
+
+
+class _Scorer:
+    """Runs the evaluators (matching, PNGs, CSV rows) of each batch, in batch order: inline, or
+    with ``overlap`` on one background thread, so that the device extracts the next batch while
+    the CPU scores and writes this one. Either way a batch's rows are durable before its
+    ``on_batch`` call; an error (or an interruption raised by ``on_batch``) in the thread is
+    raised in the loop at the next batch, after the batches before it are complete."""
+
+    def __init__(self, overlap: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="scoring") if overlap else None
+        self.pending: list = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.pool is None:
+            job()
+            return
+        self.pending.append(self.pool.submit(job))
+        self.check(wait=False)
+
+    def check(self, wait: bool) -> None:
+        """Re-raise the first failure among the finished jobs (all of them when ``wait``)."""
+        while self.pending and (wait or self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        """Wait for every submitted job (also when the loop is being left by an exception)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def run_loop(
@@ -149,6 +175,7 @@ def run_loop(
     on_batch: Callable[[int, list[str]], None] | None = None,
     background: tuple[int, int] | None = None,
     times: StageTimes | None = None,
+    overlap: bool = False,
 ) -> StageTimes:
     """Segment every batch of ``loader`` with every setting of ``runs``.
 
@@ -163,37 +190,63 @@ def run_loop(
             class (see :func:`predict`); None otherwise.
         times: where to add the stage times (the caller keeps them when the loop is
             interrupted); None = a new :class:`StageTimes`.
+        overlap: score and write each batch on a background thread while the next one is
+            extracted (see :class:`_Scorer`).
 
     Returns:
         the :class:`StageTimes` of this session.
     """
     requests: list[FeatureRequest] = [r.setting.method.feature_request() for r in runs]
     passes = merge_requests(requests)
-    times, processed = times if times is not None else StageTimes(), 0
+    times = times if times is not None else StageTimes()
+    scorer, count = _Scorer(overlap), {"done": 0, "batches": 0}
     t_wait = time.perf_counter()
-    for batch in loader:
-        timer = dict.fromkeys(STAGES, 0.0)
-        timer["data"] = time.perf_counter() - t_wait
-        batch = _drop_skipped(batch, times)
-        if batch is None:
+    try:
+        for batch in loader:
+            timer = dict.fromkeys(STAGES, 0.0)
+            timer["data"] = time.perf_counter() - t_wait
+            batch = _drop_skipped(batch, times)
+            if batch is not None:
+                ids = list(batch["id"])
+                images = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
+                t0 = time.perf_counter()
+                features = {p.pass_key: backbone.extract(images, p) for p in passes}
+                _sync(device)
+                timer["features"] = time.perf_counter() - t0
+                items = _split_items({k: v for k, v in batch.items() if k != "id"} | {"id": ids})
+                done = [
+                    (run, _segment(run, features[req.pass_key], ids, items, resolution, timer,
+                                   background))
+                    for run, req in zip(runs, requests, strict=True)
+                ]  # fmt: skip
+                del features  # free the device memory before the next batch's pass
+                first = count["batches"] == 0
+                count["batches"] += 1
+                scorer.submit(_scoring_job(done, ids, timer, times, count, first, on_batch))
+                _after_first_batch(backbone, runs)
             t_wait = time.perf_counter()
-            continue
-        ids = list(batch["id"])
-        images = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
-        t0 = time.perf_counter()
-        features = {p.pass_key: backbone.extract(images, p) for p in passes}
-        _sync(device)
-        timer["features"] = time.perf_counter() - t0
-        items = _split_items({k: v for k, v in batch.items() if k != "id"} | {"id": ids})
-        for run, request in zip(runs, requests, strict=True):
-            _segment(run, features[request.pass_key], ids, items, resolution, timer, background)
-        _account(times, timer, len(ids), first=processed == 0)
-        _after_first_batch(backbone, runs)
-        processed += len(ids)
-        if on_batch is not None:
-            on_batch(processed, ids)
-        t_wait = time.perf_counter()
+        scorer.check(wait=True)
+    finally:
+        scorer.close()
     return times
+
+
+def _scoring_job(done, ids, timer, times: StageTimes, count, first: bool, on_batch):
+    """The work of one batch after its predictions: evaluators, timings, progress."""
+
+    def job() -> None:
+        t0 = time.perf_counter()
+        for run, segmented in done:
+            if segmented is not None:
+                for evaluator in run.evaluators:
+                    evaluator.process(segmented)
+        timer["scoring"] += time.perf_counter() - t0
+        _account(times, timer, len(ids), first)
+        count["done"] += len(ids)
+        if on_batch is not None:
+            on_batch(count["done"], ids)
+
+    return job
 
 
 def _account(times: StageTimes, timer: dict[str, float], n: int, first: bool) -> None:

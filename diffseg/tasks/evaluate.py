@@ -295,6 +295,7 @@ def _loop(dataset, todo, backbone, runs, knobs, progress, stages):
             knobs["dtype"],
             on_batch=progress.update,
             background=_background(dataset),
+            overlap=knobs["overlap"],
             times=stages,
         )
 
