@@ -10,6 +10,9 @@ from diffseg.methods.diffcut import DiffCut, DiffCutAutoSC
 from diffseg.ncut import assign_concepts, autosc_labels, ncut_labels
 from diffseg.pamr import refine_labels
 
+# One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def pamr_image(images: torch.Tensor, size: int) -> torch.Tensor:
     """What PAMR looks at: the [-1, 1] input as [0, 1] RGB, bilinear (half-pixel) to size."""

@@ -23,6 +23,9 @@ from diffseg.ncut import (
     threshold_cut_loop,
 )
 
+# One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def exact_ncut(a: torch.Tensor, side: torch.Tensor) -> float:
     """cut(P, Q) (1 / vol P + 1 / vol Q) in float64."""

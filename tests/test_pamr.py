@@ -9,6 +9,9 @@ from scipy.ndimage import median_filter
 
 from diffseg.pamr import median3x3, neighbour_index, pamr, refine_labels
 
+# One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _pixel(x: np.ndarray, r: int, c: int) -> np.ndarray:
     """x[:, r, c] with replicate borders."""
