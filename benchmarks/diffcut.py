@@ -17,8 +17,10 @@ Reports seconds per image for
 
     .venv/bin/python benchmarks/diffcut.py [--images 3] [--device cpu|cuda] [--threads N] [--json out.json]
 
-The feature extraction (one UNet pass) is timed elsewhere; ``main`` runs a list of sections,
-so an extraction section is one more entry there.
+- the cut with ``partial_eigh`` (the CPU's two-eigenpair solver; not the default, see
+  ``diffseg.ncut.second_eigenvector``) and the share of its tokens labelled as the default's;
+- the feature extraction, one UNet pass up to the layer DiffCut reads (``--extraction``): random
+  SDXL-base-shaped weights at 1024 px on CUDA, the tiny SDXL-shaped model on the CPU.
 """
 
 from __future__ import annotations
@@ -111,18 +113,66 @@ def search_section(feats: list[torch.Tensor], device: str, repeats: int = 3) -> 
     }
 
 
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of tokens of ``a``'s segments inside the segment of ``b`` they mostly fall in."""
+    hist = torch.zeros(int(a.max()) + 1, int(b.max()) + 1)
+    hist.index_put_((a.flatten().cpu(), b.flatten().cpu()), torch.ones(a.numel()), accumulate=True)
+    return float(hist.max(1).values.sum() / a.numel())
+
+
+def partial_section(feats: list[torch.Tensor], device: str) -> dict:
+    """The cut with the two-eigenpair solver, against the default full decomposition."""
+    times, agree = [], []
+    for f in feats:
+        labels, t = timed(device, ncut_labels, f, 0.5, 10, 100, True)
+        times.append(t)
+        agree.append(round(_agreement(labels, ncut_labels(f)), 3))
+    return {"cut_partial_s": statistics.median(times), "agreement": agree}
+
+
+def extraction_section(images: int, device: str) -> dict:
+    """DiffCut's feature pass (VAE, noise, conditioning, UNet up to the layer) per image."""
+    from diffseg import DiffCut, build_backbone
+
+    name = "sdxl_random" if device == "cuda" else "tiny_sdxl"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    backbone, method = build_backbone(name, device=device, dtype=dtype), DiffCut()
+    batch = torch.rand(1, 3, 1024, 1024, device=device) * 2 - 1
+    method.features(backbone, batch)  # warm-up
+    times = [timed(device, method.features, backbone, batch)[1] for _ in range(images)]
+    return {"extraction_s": statistics.median(times), "extraction_model": name}
+
+
+def assign_direct(features: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """The assignment as the release computes it: upsample all C channels, then score."""
+    c, h, w = features.shape
+    _, ranks = torch.unique(labels.reshape(-1), return_inverse=True)
+    onehot = F.one_hot(ranks).T.to(features.dtype)
+    embeddings = (onehot / (onehot.sum(1, keepdim=True) + 1e-8)) @ features.reshape(c, -1).T
+    up = F.interpolate(features[None], size=(size, size), mode="bilinear", align_corners=False)
+    return (up[0].reshape(c, -1).T @ embeddings.T).argmax(1).reshape(size, size)
+
+
 def assign_refine_section(feats: list[torch.Tensor], device: str, size: int) -> dict:
-    """Assignment at ``size`` and PAMR + median on a random image of that size."""
-    assign, refine = [], []
+    """Assignment at ``size`` (and the direct way, same labels asserted) and PAMR + median on a
+    random image of that size."""
+    assign, direct, refine = [], [], []
     g = torch.Generator().manual_seed(0)
     for f in feats:
         labels = ncut_labels(f)
         out, t_assign = timed(device, assign_concepts, f, labels, size)
+        ref, t_direct = timed(device, assign_direct, f, labels, size)
+        assert (out == ref).float().mean() > 0.999, "assignment and direct assignment disagree"
         image = torch.rand(1, 3, size, size, generator=g).to(device)
         _, t_refine = timed(device, refine_labels, image, out[None])
         assign.append(t_assign)
+        direct.append(t_direct)
         refine.append(t_refine)
-    return {"assign_s": statistics.median(assign), "pamr_s": statistics.median(refine)}
+    return {
+        "assign_s": statistics.median(assign),
+        "assign_direct_s": statistics.median(direct),
+        "pamr_s": statistics.median(refine),
+    }
 
 
 def main() -> None:
@@ -134,6 +184,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--output-size", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--extraction", action="store_true", help="also time the UNet pass")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,18 +192,24 @@ def main() -> None:
     # Warm-up: first calls pay for allocations and kernel selection.
     ncut_labels(feats[0])
     figures = {"device": args.device, "threads": torch.get_num_threads(), "images": args.images}
-    # Sections in order; the feature extraction (a UNet pass) is the one section to add here.
     sections = [
         ("cut", lambda: cut_section(feats, args.device)),
+        ("cut (partial_eigh)", lambda: partial_section(feats, args.device)),
         ("search", lambda: search_section(feats, args.device)),
         ("assign+pamr", lambda: assign_refine_section(feats, args.device, args.output_size)),
     ]
+    if args.extraction:
+        sections.append(("extraction", lambda: extraction_section(args.images, args.device)))
     for name, section in sections:
         result = section()
         figures.update(result)
         print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in result.items()), flush=True)
     total = figures["cut_s"] + figures["assign_s"] + figures["pamr_s"]
     print(f"algorithm per image (cut + assignment + PAMR): {total:.3f} s")
+    ours = figures["cut_s"] + figures["assign_s"]
+    release = figures["cut_reference_s"] + figures["assign_direct_s"]
+    print(f"cut + assignment: {ours:.3f} s against {release:.3f} s computed the release's way "
+          f"({release / ours:.1f}x)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -96,12 +96,26 @@ def test_fiedler_vector_solves_generalised_problem_and_is_signed():
 
 
 def test_fiedler_vector_returns_none_when_eigh_fails(monkeypatch):
-    def fail(_):
+    import diffseg.ncut as ncut
+
+    def fail(*_):
         raise torch.linalg.LinAlgError("no convergence")
 
-    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    monkeypatch.setattr(ncut, "second_eigenvector", fail)
     a = two_cluster_graph(0)
     assert fiedler_vector(a, a.sum(dim=1)) is None
+
+
+def test_partial_eigensolver_matches_the_full_decomposition():
+    """The CPU's two-eigenpair solver gives the full eigh's second eigenvector (up to sign)."""
+    from diffseg.ncut import _normalized_laplacian, second_eigenvector
+
+    for seed in range(3):
+        a = two_cluster_graph(seed)
+        lap, _ = _normalized_laplacian(a, a.sum(dim=1))
+        full = torch.linalg.eigh(lap)[1][:, 1]
+        part = second_eigenvector(lap, partial=True)
+        torch.testing.assert_close(part * torch.sign(part @ full), full, atol=1e-4, rtol=0)
 
 
 def test_thresholds_are_099_times_each_end():
@@ -194,7 +208,7 @@ def test_recursion_order_is_p_then_rest(monkeypatch):
         return side, torch.tensor(0.0 if n >= 4 else 1.0)
 
     monkeypatch.setattr(ncut, "affinity_matrix", lambda x, alpha: torch.ones(8, 8))
-    monkeypatch.setattr(ncut, "fiedler_vector", lambda a, d: torch.zeros(d.numel()))
+    monkeypatch.setattr(ncut, "fiedler_vector", lambda a, d, *_: torch.zeros(d.numel()))
     monkeypatch.setattr(ncut, "best_threshold_cut", half)
     masks = ncut.recursive_ncut(torch.zeros(3, 8))
     assert [m.nonzero().squeeze(1).tolist() for m in masks] == [[0, 1, 2, 3], [0, 1], [4, 5]]
@@ -238,7 +252,7 @@ def test_one_segment_when_no_split_passes():
 def test_eigen_failure_ends_the_branch(monkeypatch):
     import diffseg.ncut as ncut
 
-    monkeypatch.setattr(ncut, "fiedler_vector", lambda a, d: None)
+    monkeypatch.setattr(ncut, "fiedler_vector", lambda a, d, *_: None)
     f = F.normalize(blobs(0), dim=0)
     assert torch.equal(ncut_labels(f), torch.zeros(12, 12, dtype=torch.long))
 

@@ -192,6 +192,9 @@ class DiffCut(_TokenSegmenter):
         layer: the UNet module whose output is the feature (a name, or the alias of the last
             down-path self-attention).
         timestep, noise_seed: the UNet pass (t = 50, noise seed 42; None = no noise).
+        partial_eigh: on the CPU, compute only the two smallest eigenpairs (about 3x faster
+            eigen-decompositions; off by default: the release decomposes fully, and on graphs
+            with a repeated second eigenvalue the two may split differently).
     """
 
     name = "diffcut"
@@ -208,15 +211,17 @@ class DiffCut(_TokenSegmenter):
         layer: str = LAST_ENCODER_SELF_ATTENTION,
         timestep: int = DIFFCUT_TIMESTEP,
         noise_seed: int | None = DIFFCUT_NOISE_SEED,
+        partial_eigh: bool = False,
     ) -> None:
         super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
         self.tau = float(tau)
         self.alpha = alpha
         self.num_thresholds = int(num_thresholds)
+        self.partial_eigh = bool(partial_eigh)
 
     def token_labels(self, features: Tensor) -> Tensor:
         """Recursive-cut leaves: features float (C, h, w) -> int64 (h, w) in 0..K-1."""
-        return ncut_labels(features, self.tau, self.alpha, self.num_thresholds)
+        return ncut_labels(features, self.tau, self.alpha, self.num_thresholds, self.partial_eigh)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -224,6 +229,7 @@ class DiffCut(_TokenSegmenter):
             "tau": self.tau,
             "alpha": self.alpha,
             "num_thresholds": self.num_thresholds,
+            "partial_eigh": self.partial_eigh,
             "mask_size": self.mask_size,
             **self._pamr_settings(),
         }
