@@ -1,6 +1,6 @@
 """Speed and memory of DiffSeg's `segment` (and the K-Means baselines) at the release's defaults.
 
-Input: random structured attention (tests/synthetic_attention.py: Voronoi regions with random
+Input: random structured attention (diffseg/testing/synthetic_attention.py: Voronoi regions with random
 affinities and noise) of SD v1's shapes {64: (1,4096,4096), 32: ..., 16: ..., 8: ...}, one image
 per call -- random input, not a real model: the figures are about compute, not segmentation
 quality. Reports seconds per image, the peak memory above the input (CPU: resident-set size
@@ -27,10 +27,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import synthetic_attention as sa  # noqa: E402
-
 from diffseg.baselines import kmeans_c  # noqa: E402
 from diffseg.segmentor import (  # noqa: E402
     DiffSeg,
@@ -41,6 +37,7 @@ from diffseg.segmentor import (  # noqa: E402
     symmetric_kl,
     symmetric_kl_reference,
 )
+from diffseg.testing import synthetic_attention as sa
 
 
 class PeakRSS:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import fakedata_extra as fx
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,7 @@ from PIL import Image
 
 from diffseg.data.ade20k import ADE20K
 from diffseg.data.voc import PascalVOC
+from diffseg.testing import fakedata_extra as fx
 from eval.metrics import HungarianMetrics, merge_background
 from eval.score import main
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
-import synthetic_attention as sa
 import torch
 
 from diffseg.baselines import KMeansSegmentor, kmeans_c, kmeans_s
 from diffseg.kmeans import kmeans
 from diffseg.segmentor import aggregate_attention, proposals_to_labels
+from diffseg.testing import synthetic_attention as sa
 
 SMALL = (16, 8, 4)
 
@@ -17,9 +17,7 @@ def test_kmeans_c_finds_six_regions_at_full_size():
     labels = sa.block_labels(2, 3)
     maps = sa.make_maps(labels, 6.0, noise=0.3, seed=1)
     method = kmeans_c()
-    assert (
-        method.num_clusters == 6 and method.hints == () and method.name == "kmeans_c"
-    )
+    assert method.num_clusters == 6 and method.hints == () and method.name == "kmeans_c"
     pred = method.segment(maps, output_size=64)
     assert pred.shape == (1, 64, 64) and pred.dtype == torch.int64
     acc, n_seg = sa.region_agreement(pred[0], labels)

@@ -11,10 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import fakedata
-import fakedata_extra
 import pytest
-import synthetic_attention
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +28,7 @@ from diffseg.tasks.build import (
     is_random_config,
     native_image_size,
 )
+from diffseg.testing import fakedata, fakedata_extra, synthetic_attention
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import cv2
-import fakedata
 import numpy as np
 import pytest
 import torch
@@ -33,6 +32,7 @@ from diffseg.data import (
     to_model_range,
 )
 from diffseg.data.transforms import center_crop_box, nearest_indices
+from diffseg.testing import fakedata
 
 REPO = Path(diffseg.__file__).resolve().parents[1]
 META = json.loads((REPO / "datasets" / "coco_stuff27_fine_to_coarse.json").read_text())
@@ -522,7 +522,9 @@ def test_image_folder(tmp_path):
 def test_build_dataset(coco, city):
     assert isinstance(build_dataset("coco_stuff27", root=coco[0], ids=coco[1]), CocoStuff27)
     assert len(build_dataset("cityscapes", root=city[0], label_size=320)) == 3
-    with pytest.raises(ValueError, match="unknown dataset 'pascal'.*coco_stuff27, cityscapes, folder, voc"):
+    with pytest.raises(
+        ValueError, match="unknown dataset 'pascal'.*coco_stuff27, cityscapes, folder, voc"
+    ):
         build_dataset("pascal")
     with pytest.raises(ValueError, match="label_size must be a positive integer"):
         build_dataset("cityscapes", root=city[0], label_size=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fakedata_extra as fx
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,6 +16,7 @@ from diffseg.data.coco_object import CocoObject
 from diffseg.data.context import PascalContext
 from diffseg.data.paths import metadata_dir
 from diffseg.data.voc import PascalVOC
+from diffseg.testing import fakedata_extra as fx
 
 SIZE = 16  # evaluation side of the fixtures
 

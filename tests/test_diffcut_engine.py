@@ -8,8 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import fakedata
-import fakedata_extra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -17,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from diffseg import DiffCut, build_backbone
 from diffseg.methods.diffcut import token_grid
 from diffseg.tasks.evaluate import evaluate
+from diffseg.testing import fakedata, fakedata_extra
 
 REPO = Path(__file__).resolve().parents[1]
 

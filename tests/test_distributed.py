@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fakedata
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -18,6 +17,7 @@ from diffseg.engine.distributed import shard
 from diffseg.engine.records import CSV_COLUMNS, read_per_image
 from diffseg.tasks.evaluate import evaluate
 from diffseg.tasks.merge import main as merge_main
+from diffseg.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 3

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fakedata
 import numpy as np
 import pytest
 import torch
@@ -32,6 +31,7 @@ from diffseg.engine.records import CSV_COLUMNS, CSV_COLUMNS_UNLABELLED, RowWrite
 from diffseg.engine.settings import format_value
 from diffseg.errors import ConfigError, DataError, ResumeError
 from diffseg.tasks.evaluate import evaluate, resume_hint
+from diffseg.testing import fakedata
 from eval.metrics import HungarianMetrics
 
 REPO = Path(__file__).resolve().parents[1]

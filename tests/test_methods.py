@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import synthetic_attention as sa
 import torch
 
 from diffseg import DiffSeg, FeatureRequest, Features
 from diffseg.engine.loop import predict
 from diffseg.methods import Method
 from diffseg.methods.refine import images_for_labels, pamr_refine
+from diffseg.testing import synthetic_attention as sa
 from eval.metrics import merge_background
 
 SMALL = (16, 8, 4)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fakedata
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from diffseg import DiffSeg, build_backbone
 from diffseg.tasks.evaluate import evaluate
+from diffseg.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 

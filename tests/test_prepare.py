@@ -15,7 +15,6 @@ import threading
 import urllib.error
 from pathlib import Path
 
-import fakedata
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,6 +22,7 @@ from pycocotools import mask as mask_utils
 
 import diffseg
 from diffseg.data import Cityscapes27, CocoStuff27
+from diffseg.testing import fakedata
 
 REPO = Path(diffseg.__file__).resolve().parents[1]
 

@@ -14,7 +14,6 @@ import threading
 import urllib.error
 from pathlib import Path
 
-import fakedata_extra as fx
 import numpy as np
 import pytest
 import scipy.io
@@ -24,6 +23,7 @@ import diffseg
 from diffseg.data.ade20k import ADE20K
 from diffseg.data.context import PascalContext
 from diffseg.data.voc import PascalVOC
+from diffseg.testing import fakedata_extra as fx
 
 REPO = Path(diffseg.__file__).resolve().parents[1]
 

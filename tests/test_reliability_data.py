@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import fakedata
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from diffseg.data.transforms import (
     to_original_size,
 )
 from diffseg.errors import DataError
+from diffseg.testing import fakedata
 
 
 def _noise_jpeg(path: Path, hw=(64, 64)) -> bytes:

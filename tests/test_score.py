@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fakedata
 import numpy as np
 import pytest
 from PIL import Image
 
 from diffseg.data import Cityscapes27, CocoStuff27
+from diffseg.testing import fakedata
 from eval.metrics import HungarianMetrics
 from eval.score import main, score_predictions
 

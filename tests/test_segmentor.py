@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import synthetic_attention as sa
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +22,7 @@ from diffseg.segmentor import (
     symmetric_kl,
     symmetric_kl_reference,
 )
+from diffseg.testing import synthetic_attention as sa
 
 SMALL = (16, 8, 4)  # a 16x16 grid: same algorithm, 256 maps instead of 4096
 

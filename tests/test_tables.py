@@ -16,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fakedata
 import pytest
 from hydra import compose, initialize_config_dir
 
 from diffseg.tasks.evaluate import evaluate
+from diffseg.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 

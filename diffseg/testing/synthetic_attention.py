@@ -5,7 +5,7 @@ region ``h`` with logit ``affinity[g, h]`` (plus optional Gaussian noise), softm
 Every resolution sees the label map sampled at its cell centres, so the maps look like the
 multi-resolution output of a backbone: ``{64: (B,4096,4096), 32: (B,1024,1024), 16: ..., 8: ...}``.
 
-Import from tests as ``import synthetic_attention`` (pytest puts tests/ on sys.path).
+Import as ``from diffseg.testing import synthetic_attention as sa``.
 """
 
 from __future__ import annotations
