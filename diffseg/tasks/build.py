@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import ConfigError, DataError, RunError
@@ -86,5 +87,10 @@ def build_backbone_from_config(bb_cfg: dict[str, Any], knobs: dict[str, Any]) ->
     except (FileNotFoundError, ValueError) as err:
         hint = ""
         if isinstance(err, FileNotFoundError):
-            hint = " (For an offline smoke run with random weights: backbone=tiny or tiny_sdxl.)"
+            how = (  # say it as the user typed the command
+                "make demo BACKBONE=tiny"
+                if os.environ.get("DIFFSEG_MAKE_TARGET") == "demo"
+                else "backbone=tiny or tiny_sdxl"
+            )
+            hint = f" (For an offline smoke run with random weights: {how}.)"
         raise ConfigError(f"backbone={bb_cfg.get('name')}: {err}{hint}") from err
