@@ -134,7 +134,7 @@ def test_user_errors_exit_2(tmp_path, capsys, monkeypatch):
 def test_shards_are_contiguous_and_cover_the_plan():
     items = list(range(10))
     parts = [shard(items, i, 3) for i in range(3)]
-    assert sum(parts, []) == items and [len(p) for p in parts] == [3, 4, 3]
+    assert sum(parts, []) == items and [len(p) for p in parts] == [4, 3, 3]
     with pytest.raises(ValueError):
         shard(items, 3, 3)
 

@@ -1,8 +1,10 @@
 """``python generate.py``: a SeeDiff dataset, classes x seeds, in the Pascal VOC layout.
 
 The plan is every (class, seed) with ``seed = seed_start + k`` for ``k < images_per_class``,
-class-major; ids are ``<class slug>_<seed>``. ``num_shards``/``shard_index`` split the plan into
-contiguous slices, so N processes (one per GPU) share one output folder. A re-run of the same
+class-major; ids are ``<class slug>_<seed>``. Processes split the plan into contiguous slices as
+evaluation runs do (:mod:`diffseg.engine.distributed`): ``torchrun --nproc_per_node=N
+generate.py ...`` or independent jobs with ``num_shards``/``shard_index``; they share one output
+folder. A re-run of the same
 command skips the ids already complete and ends with the same files (see
 :mod:`diffseg.seediff.writer`). User errors (unknown preset, missing weights, a folder holding
 another configuration's dataset) print one ``error:`` line and exit with status 2.
@@ -22,8 +24,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffseg.engine.distributed import from_env, shard
 from diffseg.errors import ConfigError, RunError
 from diffseg.io_utils import atomic_write_text
+from diffseg.tracking import NullTracker
 
 from .classes import class_list
 from .generator import SeeDiff
@@ -80,17 +84,6 @@ def plan(classes: list[str], images_per_class: int, seed_start: int) -> list[tup
     if images_per_class < 1:
         raise ConfigError(f"images_per_class must be >= 1, got {images_per_class}")
     return [(c, seed_start + k) for c in classes for k in range(images_per_class)]
-
-
-def shard(items: list, shard_index: int, num_shards: int) -> list:
-    """The ``shard_index``-th of ``num_shards`` contiguous, near-equal slices of ``items``."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ConfigError(
-            f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, "
-            f"num_shards={num_shards}"
-        )
-    bounds = np.linspace(0, len(items), num_shards + 1).round().astype(int)
-    return items[bounds[shard_index] : bounds[shard_index + 1]]
 
 
 def _device(name: str) -> torch.device:
@@ -158,7 +151,12 @@ def generate(cfg: Any) -> dict[str, Any]:
     order = [image_id(c, s) for c, s in items]
     if len(set(order)) != len(order):
         raise ConfigError("two class names give the same id slug; rename one")
-    mine = shard(items, int(cfg.get("shard_index", 0)), int(cfg.get("num_shards", 1)))
+    device = _device(str(cfg.get("device", "auto")))
+    # Processes share the plan as evaluation runs do: torchrun ranks, or shard_index/num_shards.
+    dist = from_env(int(cfg.get("num_shards", 1)), int(cfg.get("shard_index", 0)), device.type)
+    if dist.group and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    mine = shard(items, dist.rank, dist.world_size)
     dtype_name = str(cfg.get("dtype", "float32"))
     if dtype_name not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
@@ -175,13 +173,11 @@ def generate(cfg: Any) -> dict[str, Any]:
         len(mine),
         len(todo),
     )
-    model, is_random = build_model(
-        model_name, _device(str(cfg.get("device", "auto"))), DTYPES[dtype_name]
-    )
+    model, is_random = build_model(model_name, device, DTYPES[dtype_name])
     if is_random:
         log.warning("!!! %s", RANDOM_NOTE)
     writer.prepare(random_weights=is_random, note=RANDOM_NOTE)
-    tracker = _tracker(cfg, root, identity, is_random)
+    tracker = _tracker(cfg, root, identity, is_random) if dist.is_main else NullTracker()
     exit_code = 1
     try:
         for class_name, seed in tqdm(todo, desc="SeeDiff", unit="img", disable=not todo):
@@ -203,6 +199,7 @@ def generate(cfg: Any) -> dict[str, Any]:
                 info["seconds"],
                 info["mask_area"],
             )
+        dist.barrier()  # every process's images are on disk before the index is rebuilt
         records = writer.finalize(order)
         _log_samples(
             tracker, writer, [image_id(c, s) for c, s in mine], int(cfg.get("num_log_images", 16))
