@@ -65,10 +65,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``float32`` (default, faithful), ``float16`` or ``bfloat16``."""
+    """``float32`` (DiffSeg's faithful default), ``float16``, ``bfloat16``, or ``auto``: float16
+    on CUDA (DiffCut's release runs its UNet under float16 autocast) and float32 elsewhere."""
     key = str(name).strip().lower()
+    if key == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
     if key not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported; use float32, float16 or bfloat16")
+        raise ConfigError(f"dtype={name!r} is not supported; use float32, float16, bfloat16 or auto")
     dtype = DTYPES[key]
     if dtype == torch.float16 and device.type == "cpu":
         log.warning("dtype=float16 on the CPU is slow and not faithful; float32 is recommended")
