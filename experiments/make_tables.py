@@ -26,7 +26,15 @@ from typing import Any
 
 PAPER_FILE = Path(__file__).resolve().with_name("paper_numbers.json")
 RANDOM_MARK = "RANDOM WEIGHTS"
-DATASET_NAMES = {"coco_stuff27": "COCO-Stuff-27", "cityscapes": "Cityscapes-27", "folder": "folder"}
+DATASET_NAMES = {
+    "coco_stuff27": "COCO-Stuff-27",
+    "cityscapes": "Cityscapes-27",
+    "voc": "Pascal VOC",
+    "context": "Pascal Context",
+    "coco_object": "COCO-Object",
+    "ade20k": "ADE20K",
+    "folder": "folder",
+}
 METHOD_NAMES = {"diffseg": "DiffSeg", "kmeans_c": "K-Means-C", "kmeans_s": "K-Means-S"}
 
 
@@ -249,7 +257,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             f"## ⚠ {RANDOM_MARK}: pipeline checks, NOT results",
             "",
             "These runs used a backbone with random weights (tests, smoke runs, compute "
-            "measurements). Their numbers say nothing about DiffSeg and are not compared with "
+            "measurements). Their numbers say nothing about any method and are not compared with "
             "the paper.",
             "",
             "| dataset | method | eval res | backbone | images | ACC | mIoU | run |",
