@@ -7,10 +7,12 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.client
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -244,3 +246,36 @@ def stage_and_move(
 def read_list(text: str) -> list[str]:
     """Ids of a VOC-style list (one per line; extra columns, as in Main/<class>_val.txt, cut)."""
     return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def add_common_options(
+    p: argparse.ArgumentParser, root_help: str, archives_help: str, force_help: str
+) -> None:
+    """The options every archive-based prepare script takes (root, archives, downloads,
+    verification, force)."""
+    p.add_argument("--root", type=Path, help=root_help)
+    p.add_argument("--from-archives", type=Path, help=archives_help)
+    p.add_argument(
+        "--download-dir", type=Path, help="where downloads are kept (default: <root>/downloads)"
+    )
+    p.add_argument("--remove-archives", action="store_true", help="delete the downloads afterwards")
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip md5 and count checks"
+    )
+    p.add_argument("--force", action="store_true", help=force_help)
+
+
+def resolve_paths(args: argparse.Namespace, folder: str) -> argparse.Namespace:
+    """``--root`` (default ``<data root>/<folder>``) and ``--download-dir``, expanded."""
+    args.root = (args.root or default_data_root() / folder).expanduser()
+    args.download_dir = (args.download_dir or args.root / "downloads").expanduser()
+    return args
+
+
+def cli(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a prepare script: a :class:`PrepareError` is one ``error:`` line and status 1."""
+    try:
+        return run(args)
+    except PrepareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _archives import (  # noqa: E402
     Archive,
     PrepareError,
+    add_common_options,
     check_counts,
-    default_data_root,
+    cli,
     get_archive,
     offline_message,
+    resolve_paths,
     stage_and_move,
 )
 
@@ -110,34 +112,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--root", type=Path, help="the ADEChallengeData2016 folder (default: under the data root)"
+    add_common_options(
+        p,
+        "the ADEChallengeData2016 folder (default: under the data root)",
+        f"folder holding {ARCHIVE}",
+        "unpack again even if the split is in place",
     )
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--from-archives", type=Path, help=f"folder holding {ARCHIVE}")
-    p.add_argument(
-        "--download-dir", type=Path, help="where downloads are kept (default: <root>/downloads)"
-    )
-    p.add_argument("--remove-archives", action="store_true", help="delete the download afterwards")
-    p.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip md5 and count checks"
-    )
-    p.add_argument(
-        "--force", action="store_true", help="unpack again even if the split is in place"
-    )
     p.add_argument("--url", default=URL, help="a mirror of the archive")
-    args = p.parse_args(argv)
-    args.root = (args.root or default_data_root() / "ADEChallengeData2016").expanduser()
-    args.download_dir = (args.download_dir or args.root / "downloads").expanduser()
-    return args
+    return resolve_paths(p.parse_args(argv), "ADEChallengeData2016")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(parse_args(argv))
-    except PrepareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,13 @@ from _archives import (  # noqa: E402
     HERE,
     Archive,
     PrepareError,
+    add_common_options,
     check_counts,
-    default_data_root,
+    cli,
     get_archive,
     offline_message,
     read_list,
+    resolve_paths,
     stage_and_move,
 )
 
@@ -170,37 +172,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--root", type=Path, help="the VOCdevkit folder (default: <data root>/VOCdevkit)"
+    add_common_options(
+        p,
+        "the VOCdevkit folder (default: <data root>/VOCdevkit)",
+        f"folder holding {VOC_ARCHIVE} and {CONTEXT_ARCHIVE}",
+        "convert again even if the split is in place",
     )
     p.add_argument("--split", default="val", choices=sorted(SPLIT_SIZES))
-    p.add_argument(
-        "--from-archives", type=Path, help=f"folder holding {VOC_ARCHIVE} and {CONTEXT_ARCHIVE}"
-    )
-    p.add_argument(
-        "--download-dir", type=Path, help="where downloads are kept (default: <root>/downloads)"
-    )
-    p.add_argument("--remove-archives", action="store_true", help="delete the downloads afterwards")
-    p.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip md5 and count checks"
-    )
-    p.add_argument(
-        "--force", action="store_true", help="convert again even if the split is in place"
-    )
     p.add_argument("--voc-url", default=VOC_URL, help="a mirror of the VOC2010 archive")
     p.add_argument("--context-url", default=CONTEXT_URL, help="a mirror of the annotation archive")
-    args = p.parse_args(argv)
-    args.root = (args.root or default_data_root() / "VOCdevkit").expanduser()
-    args.download_dir = (args.download_dir or args.root / "downloads").expanduser()
-    return args
+    return resolve_paths(p.parse_args(argv), "VOCdevkit")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(parse_args(argv))
-    except PrepareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":
