@@ -19,6 +19,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from diffseg.seediff.writer import voc_palette  # the VOC devkit's colour map
+
 VOC_VOID = 255
 VOC_IDS = ("2007_000033", "2007_000042", "2007_000061", "2007_000123")
 CONTEXT_IDS = ("2008_000002", "2008_000003", "2008_000007")
@@ -27,21 +29,6 @@ CONTEXT_BENCHMARK_IDS = (2, 9, 284, 458)
 CONTEXT_OTHER_IDS = (1, 3, 400, 459)
 # COCO thing values without a COCO-Object class (unused category ids - 1).
 COCO_UNUSED_THING_VALUES = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
-
-
-def voc_palette() -> list[int]:
-    """The standard VOC colour map (bits of the index spread over R, G, B), 256 x 3 ints."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def blocks(
