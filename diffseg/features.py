@@ -150,11 +150,10 @@ class Features:
         """The same features for the images ``index`` of the batch (in that order)."""
         if list(index) == list(range(self.batch_size)):
             return self
-        ref = self.images if self.images is not None else None
-        device = ref.device if ref is not None else None
+        rows = list(index)
 
         def pick(t: Tensor) -> Tensor:
-            return t.index_select(0, torch.tensor(list(index), device=device or t.device))
+            return t.index_select(0, torch.tensor(rows, device=t.device))
 
         return replace(
             self,

@@ -173,13 +173,13 @@ def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
 
 def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
     """The loop over this process's images; an interrupted session keeps its stage times."""
-    resumed = len(prep.ids) - len([i for i in prep.ids if i in todo])
+    resumed = sum(1 for i in prep.ids if all(i in r.records.done for r in prep.runs))
     progress = Progress(len(todo), resumed, prep.runs, tracker, on_batch, prep.dist)
     stages = StageTimes()
     try:
         _loop(prep.dataset, todo, backbone, prep.runs, prep.knobs, progress, stages)
     except BaseException:  # Ctrl-C or an error: the images finished keep their session
-        if progress.done:
+        if progress.done and (prep.dist.is_main or not prep.dist.group):
             session = _session(*clock, progress.done, stages, prep.knobs)
             prep.rundir.add_session({**session, "interrupted": True})
         raise
