@@ -160,9 +160,10 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
 
 
 def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
-    """From here on the run dir belongs to this configuration (the main process writes the
-    resolved config and run.json); then every process opens its own records."""
-    if prep.dist.is_main:
+    """From here on the run dir belongs to this configuration (the main process, or every
+    independent shard job, writes the resolved config and run.json); then every process opens
+    its own records."""
+    if prep.dist.is_main or not prep.dist.group:
         if backbone is not None:  # a later session with nothing to do reports it from here
             prep.rundir.state["backbone"] = backbone.describe()
         prep.rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
