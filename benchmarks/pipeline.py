@@ -8,8 +8,9 @@ On CUDA the backbones have the real shapes with RANDOM weights (DiffSeg: SD v1 a
 DiffCut: SDXL base at 1024 px, a little larger than SSD-1B); on the CPU the tiny models of the
 same layouts. Images are random and labels synthetic: the figures are about compute, not about
 segmentation quality. Each configuration prints images/s after a warm-up batch, the share of the
-measured time each stage takes (data, UNet + capture, method, scoring and writing), and the UNet
-FLOPs achieved against the device's peak when ``--peak-tflops`` is given or the GPU is known.
+measured time each stage takes (data, features = VAE encode + UNet + capture, method, scoring and
+writing), the VAE's share of the features stage, and the UNet FLOPs achieved against the device's
+peak when ``--peak-tflops`` is given or the GPU is known.
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def data_ids(data: RandomImages) -> list[str]:
     return [f"{i:06d}" for i in range(len(data))]
 
 
+def encode_share(backbone, method, batch: int, image_size: int, repeats: int = 3) -> float:
+    """The VAE encoder's share of a feature pass (encode alone against the whole extraction)."""
+    images = torch.rand(batch, 3, image_size, image_size, device=backbone.device) * 2 - 1
+    request = method.feature_request()
+    backbone.extract(images, request)  # warm-up
+
+    def best(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    return best(lambda: backbone.encode(images)) / best(lambda: backbone.extract(images, request))
+
+
 def report(name: str, batch: int, dtype, times: StageTimes, flops: float, peak: float | None):
     total = sum(times.seconds.values())
     rate = times.images / total if total else float("nan")
@@ -130,6 +152,8 @@ def main() -> None:
             t0 = time.perf_counter()
             times = measure(backbone, method, batch, dtype, n, image_size, resolution)
             report(name, batch, dtype, times, flops, peak)
+            share = encode_share(backbone, method, batch, image_size)
+            print(f"         VAE encode: {100 * share:.0f}% of the features stage")
             del backbone
             if cuda:
                 torch.cuda.empty_cache()
