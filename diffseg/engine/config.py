@@ -71,7 +71,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if key == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if key not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported; use float32, float16, bfloat16 or auto")
+        raise ConfigError(
+            f"dtype={name!r} is not supported; use float32, float16, bfloat16 or auto"
+        )
     dtype = DTYPES[key]
     if dtype == torch.float16 and device.type == "cpu":
         log.warning("dtype=float16 on the CPU is slow and not faithful; float32 is recommended")
