@@ -86,6 +86,7 @@ def test_diffcut_on_voc_with_background_merge_and_a_tau_sweep_from_one_pass(sdxl
         "logger=none",
         "num_workers=0",
         "num_overlays=1",
+        "save_predictions=true",
         "sweep.tau=[0.3,0.6]",
     )
     counting = Counting(sdxl)
@@ -98,6 +99,18 @@ def test_diffcut_on_voc_with_background_merge_and_a_tau_sweep_from_one_pass(sdxl
     assert res["resolution"] == 128 and res["dataset"]["preprocessing"] == "diffcut"
     assert res["dataset"]["image_size"] == 1024 and res["num_images"] == len(ids)
     assert len(res["iou_per_class"]) == 21 and res["complete"]
+    # the saved predictions (background already merged, then refined) score the same with the
+    # scoring CLI under DiffCut's label preprocessing (through 1024 px to 128)
+    from eval.score import main as score_main
+
+    scored = tmp_path / "scored.json"
+    argv = ["--dataset", "voc", "--root", str(tmp_path / "VOCdevkit"), "--resolution", "128",
+            "--preprocessing", "diffcut", "--no-background-merge", "--workers", "1",
+            "--predictions", str(tmp_path / "run" / "tau=0.3" / "predictions"),
+            "--output", str(scored)]  # fmt: skip
+    assert score_main(argv) == 0
+    again = json.loads(scored.read_text())
+    assert (again["tp"], again["fp"], again["fn"]) == (res["tp"], res["fp"], res["fn"])
 
 
 def test_diffcut_run_on_coco_is_flagged_random(tmp_path):
