@@ -245,12 +245,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the loaders' label preprocessing (e.g. diffseg or diffcut; default: the loader's)",
     )
     p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="the model's input side the labels were resized through (diffcut: 1024 by default)",
-    )
-    p.add_argument(
         "--background-merge",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -297,9 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.ids_file,
             preprocessing=args.preprocessing,
             other_as_class=args.other_as_class,
-            # DiffCut's labels go through the model's input size (nearest-exact to 1024, then
-            # legacy nearest to the evaluation size); DiffSeg's labels do not depend on it.
-            image_size=args.image_size or (1024 if args.preprocessing == "diffcut" else None),
         )
         merged = getattr(labels, "background_index", None) is not None and (
             args.background_merge is not False

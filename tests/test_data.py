@@ -539,3 +539,26 @@ def test_dataloader_with_workers(coco):
     assert b["image"].shape == (2, 3, 64, 64) and b["label"].shape == (2, 32, 32)
     assert b["id"] == ids[:2] and b["orig_size"].tolist() == [[48, 64], [64, 48]]
     assert torch.equal(batches[1]["label"][1], ds[3]["label"])
+
+
+def test_diffcut_preprocessing_crop_and_label_indices():
+    """DiffCut's protocol: square of side min(H, W) - 1 placed as torchvision's CenterCrop
+    (round half to even), labels nearest-exact to 1024 then torch's legacy nearest to 128."""
+    import torch.nn.functional as F
+
+    from diffseg.data.transforms import diffcut_crop_box, preprocess_image, preprocess_label
+
+    assert diffcut_crop_box(480, 640) == (0, 80, 479)  # round(0.5) = 0, round(80.5) = 80
+    assert diffcut_crop_box(300, 303) == (0, 2, 299)  # round(2.0) = 2
+    h, w = 37, 50
+    label = (np.arange(h)[:, None] * 100 + np.arange(w)[None, :]).astype(np.int64)
+    out = preprocess_label(label, 128, "diffcut")
+    top, left, c = diffcut_crop_box(h, w)
+    for i in range(128):
+        src = int(np.floor((8 * i + 0.5) * c / 1024))  # legacy picks 8 i of the 1024 grid
+        assert out[i, 0] == label[top + src, left] and out[0, i] == label[top, left + src]
+    rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = preprocess_image(rgb, 64, "diffcut")
+    crop = torch.from_numpy(rgb[top : top + c, left : left + c]).permute(2, 0, 1).float()
+    expected = F.interpolate(crop[None] / 255, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(image, expected[0] * 2 - 1, atol=1e-5, rtol=0)

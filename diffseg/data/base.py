@@ -191,7 +191,7 @@ class LabelledDataset(ImageDataset):
 
     def _label_tensor(self, raw: np.ndarray, path: Path) -> torch.Tensor:
         mapped = self.map_label(raw, path)
-        label = preprocess_label(mapped, self.label_size, self.preprocessing, self.image_size)
+        label = preprocess_label(mapped, self.label_size, self.preprocessing)
         return torch.from_numpy(label.astype(np.int64))
 
     def load_label(self, index: int) -> torch.Tensor:

@@ -181,25 +181,24 @@ def preprocess_image(
     return to_model_range(resize_image(_crop(rgb, preprocessing), image_size))
 
 
+#: DiffCut's protocol resizes labels to this side first (its model input), whatever model runs.
+DIFFCUT_LABEL_STEP = 1024
+
+
 def preprocess_label(
-    label: np.ndarray,
-    label_size: int,
-    preprocessing: str = "diffseg",
-    image_size: int | None = None,
+    label: np.ndarray, label_size: int, preprocessing: str = "diffseg"
 ) -> np.ndarray:
     """A label map (H, W) (any integer dtype, class mapping before or after: nearest resizes
     only copy values) to (label_size, label_size).
 
     ``diffseg``: crop, then one nearest resize (half-pixel centres). ``diffcut``: crop, nearest-
-    exact to ``image_size`` (the model's input side), then legacy nearest to ``label_size``.
+    exact to 1024 (:data:`DIFFCUT_LABEL_STEP`), then torch's legacy nearest to ``label_size``.
     """
     cropped = _crop(label, preprocessing)
     if preprocessing == "diffseg":
         return resize_label(cropped, label_size)
-    if image_size is None:
-        raise ValueError("preprocessing='diffcut' needs image_size (the model's input side)")
-    exact = nearest_indices(cropped.shape[0], image_size)
-    index = exact[legacy_nearest_indices(image_size, label_size)]
+    exact = nearest_indices(cropped.shape[0], DIFFCUT_LABEL_STEP)
+    index = exact[legacy_nearest_indices(DIFFCUT_LABEL_STEP, label_size)]
     return cropped[index[:, None], index[None, :]]
 
 
