@@ -64,7 +64,7 @@ def unet_flops(backbone, method, image_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(backbone, method, batch: int, dtype, images: int, image_size: int, resolution: int):
+def measure(backbone, method, batch: int, images: int, image_size: int, resolution: int):
     """Run the engine's loop over random images; returns the stage times."""
     device = backbone.device
     data = RandomImages(images, image_size, resolution)
@@ -76,7 +76,7 @@ def measure(backbone, method, batch: int, dtype, images: int, image_size: int, r
         records.open()
         run = SettingRun(setting, [records])
         times = StageTimes()
-        run_loop(loader, backbone, [run], resolution, device, dtype, times=times,
+        run_loop(loader, backbone, [run], resolution, device, times=times,
                  overlap=device.type == "cuda")  # fmt: skip
         records.close()
     return times
@@ -150,7 +150,7 @@ def main() -> None:
             flops = unet_flops(backbone, method, image_size) if peak else 0.0
             n = args.images or max(2 * batch, 4 if cuda else 3) + batch  # + the warm-up batch
             t0 = time.perf_counter()
-            times = measure(backbone, method, batch, dtype, n, image_size, resolution)
+            times = measure(backbone, method, batch, n, image_size, resolution)
             report(name, batch, dtype, times, flops, peak)
             share = encode_share(backbone, method, batch, image_size)
             print(f"         VAE encode: {100 * share:.0f}% of the features stage")

@@ -78,10 +78,10 @@ def test_describe_and_repr():
     expected = {"tau": 0.5, "alpha": 10, "num_thresholds": 100, "mask_size": 128, "refine": True}
     expected |= {"pamr_iter": 10, "pamr_dilations": [1, 2, 4, 8]}
     assert {k: info[k] for k in expected} == expected
-    assert repr(d).startswith("DiffCut(tau=0.5, alpha=10,")
+    assert repr(d).startswith("DiffCut(tau=0.5, alpha=10.0,")
     auto = DiffCutAutoSC()
     assert auto.describe()["alphas"] == [1, 5, 10, 15] and auto.describe()["refine"] is False
-    assert repr(auto).startswith("DiffCutAutoSC(alphas=[1, 5, 10, 15]")
+    assert repr(auto).startswith("DiffCutAutoSC(alphas=[1.0, 5.0, 10.0, 15.0]")
 
 
 def test_autosc_segment_features():

@@ -141,3 +141,35 @@ def test_readme_diffcut_snippet_runs_on_the_tiny_sdxl_backbone(monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["features"].shape[0] == 1 and scope["features"].shape[-2:] == (8, 8)
     assert scope["labels"].shape == (1, 128, 128) and scope["labels"].dtype == torch.int64
+
+
+def test_bad_method_values_are_config_errors_before_the_run_dir_is_claimed(sdxl, tmp_path):
+    from diffseg.errors import ConfigError
+
+    root = tmp_path / "coco"
+    fakedata.write_cocostuff(root, n=1, size=(40, 52), seed=2)
+    base = ["method=diffcut", "backbone=tiny_sdxl", f"dataset.root={root}",
+            "dataset.curated=false", "logger=none", "num_workers=0"]  # fmt: skip
+    with pytest.raises(ConfigError, match="no module 'nope'"):
+        evaluate(_cfg(*base, "method.layer=nope"), tmp_path / "a", backbone=sdxl)
+    assert not (tmp_path / "a" / "run.json").exists()
+    with pytest.raises(ConfigError, match="alpha"):
+        evaluate(_cfg(*base, "method.alpha=abc"), tmp_path / "b", backbone=sdxl)
+    with pytest.raises(ConfigError, match="pamr_dilations"):
+        evaluate(_cfg(*base, "method.pamr_dilations=[0]"), tmp_path / "c", backbone=sdxl)
+    with pytest.raises(ConfigError, match="shard_index=5"):
+        evaluate(_cfg(*base, "num_shards=2", "shard_index=5"), tmp_path / "d", backbone=sdxl)
+
+
+def test_a_run_dir_refuses_another_precision_or_weights_folder(sdxl, tmp_path):
+    from diffseg.errors import ResumeError
+
+    root = tmp_path / "coco"
+    fakedata.write_cocostuff(root, n=1, size=(40, 52), seed=2)
+    base = ["method=diffcut", "backbone=tiny_sdxl", f"dataset.root={root}",
+            "dataset.curated=false", "logger=none", "num_workers=0"]  # fmt: skip
+    evaluate(_cfg(*base), tmp_path / "run", backbone=sdxl)
+    with pytest.raises(ResumeError, match="precision.attention"):
+        evaluate(_cfg(*base, "precision.attention=bfloat16"), tmp_path / "run", backbone=sdxl)
+    with pytest.raises(ResumeError, match="backbone.path"):
+        evaluate(_cfg(*base, "backbone.path=/elsewhere"), tmp_path / "run", backbone=sdxl)

@@ -333,6 +333,11 @@ class DiffusionBackbone:
             scores_dtype=self.attention_dtype,
         )
 
+    def check_request(self, request: FeatureRequest, image_size: int | None = None) -> None:
+        """Raise ``ValueError`` unless this backbone can serve ``request`` at ``image_size``
+        (default: the native size): its modules exist and its self-attention grids are there."""
+        self._capture_for(request, image_size or self.image_size)
+
     @torch.inference_mode()
     def extract(self, images: Tensor, request: FeatureRequest) -> Features:
         """One UNet pass over ``images`` ``(B, 3, S, S)`` in [-1, 1] serving ``request``.

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..errors import ConfigError
+
 __all__ = ["Dist", "agree_on_run_stamp", "from_env", "shard"]
 
 T = TypeVar("T")
@@ -86,7 +88,7 @@ def from_env(num_shards: int = 1, shard_index: int = 0, device_type: str = "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if num_shards != 1:
-            raise ValueError("use torchrun or num_shards/shard_index, not both")
+            raise ConfigError("use torchrun or num_shards/shard_index, not both")
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -94,7 +96,7 @@ def from_env(num_shards: int = 1, shard_index: int = 0, device_type: str = "cpu"
         rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         return Dist(rank, dist.get_world_size(), local, group=True)
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+        raise ConfigError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
     return Dist(shard_index, num_shards, 0, group=False)
 
 

@@ -171,7 +171,6 @@ def run_loop(
     runs: Sequence[SettingRun],
     resolution: int,
     device: torch.device,
-    dtype: torch.dtype,
     on_batch: Callable[[int, list[str]], None] | None = None,
     background: tuple[int, int] | None = None,
     times: StageTimes | None = None,
@@ -208,7 +207,9 @@ def run_loop(
             batch = _drop_skipped(batch, times)
             if batch is not None:
                 ids = list(batch["id"])
-                images = batch["image"].to(device=device, dtype=dtype, non_blocking=True)
+                # float32 pixels: the VAE (float32 for SDXL models) and PAMR see them unrounded;
+                # the backbone casts the latent to the UNet's precision.
+                images = batch["image"].to(device=device, non_blocking=True)
                 t0 = time.perf_counter()
                 features = {p.pass_key: backbone.extract(images, p) for p in passes}
                 _sync(device)

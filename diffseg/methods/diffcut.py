@@ -54,6 +54,14 @@ def token_grid(output: Tensor) -> Tensor:
     return output.float().transpose(1, 2).reshape(b, c, side, side)
 
 
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float, or a ``ValueError`` naming the parameter."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 class _TokenSegmenter:
     """Shared pipeline: token labels per image, concept assignment, optional PAMR; and the
     method contract of the engine (:mod:`diffseg.methods`)."""
@@ -75,6 +83,8 @@ class _TokenSegmenter:
         self.mask_size = int(mask_size)
         self.pamr_iter = int(pamr_iter)
         self.pamr_dilations = tuple(int(d) for d in pamr_dilations)
+        if not self.pamr_dilations or min(self.pamr_dilations) < 1:
+            raise ValueError(f"pamr_dilations must be integers >= 1, got {list(pamr_dilations)}")
         self.layer = str(layer)
         self.timestep = int(timestep)
         self.noise_seed = None if noise_seed is None else int(noise_seed)
@@ -214,8 +224,8 @@ class DiffCut(_TokenSegmenter):
         partial_eigh: bool = False,
     ) -> None:
         super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
-        self.tau = float(tau)
-        self.alpha = alpha
+        self.tau = _number("tau", tau)
+        self.alpha = _number("alpha", alpha)
         self.num_thresholds = int(num_thresholds)
         self.partial_eigh = bool(partial_eigh)
 
@@ -261,7 +271,7 @@ class DiffCutAutoSC(_TokenSegmenter):
         noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
         super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
-        self.alphas = tuple(alphas)
+        self.alphas = tuple(_number("alphas", a) for a in alphas)
         self.vectors_of_best = bool(vectors_of_best)
 
     def token_labels(self, features: Tensor) -> Tensor:

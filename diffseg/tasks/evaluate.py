@@ -103,6 +103,7 @@ def evaluate(
         backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
     if backbone is not None:
         prep.random_weights = bool(backbone.is_random)
+        _check_requests(backbone, prep)
     if prep.random_weights and prep.dist.is_main:
         _loud_warning()
     tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
@@ -157,6 +158,16 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
                  len(ids), left)  # fmt: skip
     dist.barrier()  # every process has read the records before anyone appends to them
     return prep
+
+
+def _check_requests(backbone, prep: _Prepared) -> None:
+    """Every setting's feature request fits the backbone (its modules exist, its grids are
+    there), checked before the run dir is claimed."""
+    for setting in prep.settings:
+        try:
+            backbone.check_request(setting.method.feature_request(), prep.dataset.image_size)
+        except ValueError as err:
+            raise ConfigError(f"method {setting.method_name}: {err}") from None
 
 
 def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
@@ -236,8 +247,12 @@ def _fingerprint(cfg, knobs, settings, dataset, ids) -> dict[str, Any]:
         "resolution": knobs["resolution"],
         "preprocessing": dataset.preprocessing,
         "image_size": dataset.image_size,
-        "backbone": {k: cfg.backbone.get(k) for k in ("name", "random_config", "timestep")},
+        "backbone": {k: cfg.backbone.get(k) for k in ("name", "path", "random_config", "timestep")},
         "dtype": str(knobs["dtype"]).replace("torch.", ""),
+        "precision": {
+            "vae": None if knobs["vae_dtype"] is None else str(knobs["vae_dtype"]),
+            "attention": str(knobs["attention_dtype"]),
+        },
         "seed": knobs["seed"],
         "save_predictions": knobs["save_predictions"],
         "settings": {s.name or "": s.describe() for s in settings},
@@ -293,7 +308,6 @@ def _loop(dataset, todo, backbone, runs, knobs, progress, stages):
             runs,
             knobs["resolution"],
             knobs["device"],
-            knobs["dtype"],
             on_batch=progress.update,
             background=_background(dataset),
             overlap=knobs["overlap"],
