@@ -96,6 +96,14 @@ class RunDir:
         write_json_atomic(self.run_json, self.state)
 
     def add_session(self, session: dict[str, Any]) -> None:
+        """Append a session, to the sessions on disk now: independent shard jobs write into one
+        run.json, each reading it again just before its write (a small window remains)."""
+        try:
+            on_disk = json.loads(self.run_json.read_text(encoding="utf-8")).get("sessions")
+        except (OSError, json.JSONDecodeError):
+            on_disk = None
+        if isinstance(on_disk, list) and len(on_disk) > len(self.state["sessions"]):
+            self.state["sessions"] = on_disk
         self.state["sessions"].append(session)
         self.save()
 
