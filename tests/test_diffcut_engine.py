@@ -173,3 +173,22 @@ def test_a_run_dir_refuses_another_precision_or_weights_folder(sdxl, tmp_path):
         evaluate(_cfg(*base, "precision.attention=bfloat16"), tmp_path / "run", backbone=sdxl)
     with pytest.raises(ResumeError, match="backbone.path"):
         evaluate(_cfg(*base, "backbone.path=/elsewhere"), tmp_path / "run", backbone=sdxl)
+
+
+def test_run_py_method_diffcut_on_cityscapes(tmp_path):
+    """The command users type, end to end in a subprocess, on the Cityscapes fixture."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "cs"
+    fakedata.write_cityscapes(root, n=1, size=(32, 64))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "run.py", "method=diffcut", "backbone=tiny_sdxl", "dataset=cityscapes",
+           f"dataset.root={root}", "logger=none", "num_workers=0", f"hydra.run.dir={tmp_path / 'r'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["method"]["name"] == "diffcut" and res["resolution"] == 128
+    assert res["random_weights"] and res["dataset"]["name"] == "cityscapes" and res["complete"]
+    assert "RANDOM WEIGHTS" in proc.stdout
