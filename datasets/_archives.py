@@ -46,9 +46,10 @@ def offline_message(url: str, reason: object, urls: Sequence[str], command: str)
     )
 
 
-def download(url: str, dest: Path, offline_hint: Callable[[object], str], md5: str | None) -> None:
+def download(url: str, dest: Path, offline_hint: Callable[[object], str], md5: str | None) -> str:
     """Fetch ``url`` to ``dest`` through ``dest.part`` with a progress bar, checking the byte
-    count against Content-Length and the md5 when given; renamed into place only when whole."""
+    count against Content-Length and the md5 when given; renamed into place only when whole.
+    Returns the file's md5 hex digest."""
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
@@ -83,6 +84,7 @@ def download(url: str, dest: Path, offline_hint: Callable[[object], str], md5: s
         ) from err
     finally:
         part.unlink(missing_ok=True)
+    return digest.hexdigest()
 
 
 def file_md5(path: Path) -> str:

@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import http.client
 import io
 import json
 import os
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _archives import PrepareError, download, file_md5  # noqa: E402  (one copy for every script)
+
 CURATED_VAL_FILE = HERE / "coco_stuff27_val_curated.txt"
 
 IMAGES_URL = "http://images.cocodataset.org/zips/{folder}.zip"
@@ -71,10 +70,6 @@ MAX_CATEGORY_ID = 182
 UNLABELLED = 255
 
 
-class PrepareError(Exception):
-    """A problem the user can fix; printed without a traceback."""
-
-
 def default_root() -> Path:
     env = os.environ.get("DIFFSEG_DATA", "").strip()
     return (Path(env).expanduser() if env else HERE) / "cocostuff"
@@ -91,78 +86,6 @@ def offline_message(url: str, reason: object, archives_hint: str) -> str:
         "put them in one folder, then run:\n"
         "  python datasets/prepare_cocostuff.py --root <root> --from-archives <that folder>"
     )
-
-
-def download(
-    url: str,
-    dest: Path,
-    archives_hint: str,
-    timeout: float = 60.0,
-    expected_md5: str | None = None,
-) -> str:
-    """Download ``url`` to ``dest`` through ``dest.part`` with a progress bar; atomic rename at
-    the end. Checks the byte count against Content-Length and the md5 when given.
-
-    Returns:
-        the md5 hex digest of the file.
-    """
-    from tqdm import tqdm
-
-    part = dest.with_name(dest.name + ".part")
-    try:
-        response = urllib.request.urlopen(url, timeout=timeout)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise PrepareError(offline_message(url, reason, archives_hint)) from err
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.md5()
-    written = 0
-    try:
-        with response, open(part, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and written != total:
-            raise PrepareError(
-                f"download of {url} stopped after {written} of {total} bytes; run again"
-            )
-        if expected_md5 and digest.hexdigest() != expected_md5:
-            raise PrepareError(
-                f"{url}: md5 {digest.hexdigest()} differs from the published {expected_md5}; "
-                "the download is damaged: run again"
-            )
-        os.replace(part, dest)
-    except (OSError, urllib.error.URLError, http.client.HTTPException) as err:
-        raise PrepareError(
-            f"download of {url} failed ({err}); nothing was kept, run again"
-        ) from err
-    finally:
-        part.unlink(missing_ok=True)
-    return digest.hexdigest()
-
-
-def file_md5(path: Path) -> str:
-    from tqdm import tqdm
-
-    digest = hashlib.md5()
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            desc=f"md5 {path.name}",
-            leave=False,
-        ) as bar,
-    ):
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
 
 
 def verify_archive(path: Path, verify: bool, md5: str | None = None) -> zipfile.ZipFile:
@@ -341,7 +264,12 @@ def archive_path(
         return path, None
     print(f"downloading {url}")
     known_md5 = KNOWN_ARCHIVES.get(name, {}).get("md5") if url_is_official(url, name) else None
-    md5 = download(url, path, hint, expected_md5=known_md5 if args.verify else None)
+    md5 = download(
+        url,
+        path,
+        lambda reason: offline_message(url, reason, hint),
+        known_md5 if args.verify else None,
+    )
     return path, md5
 
 

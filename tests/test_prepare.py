@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -309,7 +310,7 @@ def test_coco_offline_message(coco_script, tmp_path, monkeypatch, capsys):
     def no_network(url, timeout=None):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(coco_script.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)  # every script downloads with it
     assert coco_script.main(["--root", str(root)]) == 1
     err = capsys.readouterr().err
     assert "could not download http://images.cocodataset.org/zips/val2017.zip" in err
