@@ -152,3 +152,17 @@ def test_merge_requests_unions_by_pass_and_select_picks_images(sd):
     picked = feats.select([2, 0])
     torch.testing.assert_close(picked.self_attention[16][0], feats.self_attention[16][2])
     assert picked.images.shape[0] == 2 and picked.batch_size == 2
+
+
+def test_a_damaged_model_folder_is_one_weights_error(tmp_path):
+    """A folder in the right layout whose files cannot be loaded: the family's message."""
+    from diffseg.backbones import SDXLBackbone, WeightsNotFoundError
+
+    for sub in ("vae", "unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        (tmp_path / sub).mkdir()
+        if not sub.startswith("tokenizer"):
+            (tmp_path / sub / "config.json").write_text("{not json")
+    with pytest.raises(
+        WeightsNotFoundError, match="Could not load the sdxl weights.*text_encoder_2"
+    ):
+        SDXLBackbone.from_pretrained(tmp_path)

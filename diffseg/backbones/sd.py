@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .base import DEFAULT_TIMESTEP, DiffusionBackbone, default_scheduler
 from .configs import model_configs, tiny_clip_tokenizer
-from .weights import WeightsNotFoundError, fix_message, move_modules, resolve_weights
+from .weights import load_vae_unet, loading, move_modules, resolve_weights
 
 __all__ = ["DEFAULT_MODEL_ID", "StableDiffusionBackbone"]
 
@@ -103,29 +103,16 @@ class StableDiffusionBackbone(DiffusionBackbone):
         Raises :class:`WeightsNotFoundError` (a ``FileNotFoundError``) before loading anything when
         the weights can't be had, naming the id and how to fix it. ``kwargs`` go to the constructor.
         """
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source, local_only = resolve_weights(model_id_or_path, "sd")
         vae_dtype = vae_dtype or dtype
         log.info("loading Stable Diffusion weights from %s", source)
-        try:
+        with loading(source, "sd"):
+            vae, unet = load_vae_unet(source, local_only, dtype, vae_dtype, device)
             common = {"local_files_only": local_only}
-            vae = AutoencoderKL.from_pretrained(
-                source, subfolder="vae", torch_dtype=vae_dtype, **common
-            )
-            unet = UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, **common
-            )
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-        except (OSError, ValueError) as err:
-            raise WeightsNotFoundError(
-                f"Could not load Stable Diffusion weights '{source}': {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}. " + fix_message(source, "sd")
-            ) from err
-        move_modules(unet, device=device, dtype=dtype)
-        move_modules(vae, device=device, dtype=vae_dtype)
         move_modules(text_encoder, device=device, dtype=torch.float32)
         kwargs.setdefault("scheduler", load_scheduler(source, local_only))
         backbone = cls(vae, unet, text_encoder, tokenizer, timestep, name=str(source), **kwargs)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .base import DEFAULT_TIMESTEP, DiffusionBackbone
 from .configs import model_configs, tiny_clip_tokenizer
 from .sd import load_scheduler
-from .weights import WeightsNotFoundError, fix_message, move_modules, resolve_weights
+from .weights import load_vae_unet, loading, move_modules, resolve_weights
 
 __all__ = ["SDXLBackbone"]
 
@@ -89,33 +89,20 @@ class SDXLBackbone(DiffusionBackbone):
         diffusers layout. ``dtype`` is the UNet's precision; the VAE stays float32 unless
         ``vae_dtype`` says otherwise. Raises :class:`WeightsNotFoundError` before loading anything
         when the weights can't be had."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         source, local_only = resolve_weights(model_id_or_path, "sdxl")
         vae_dtype = vae_dtype or dtype
         log.info("loading SDXL-family weights from %s", source)
         common = {"local_files_only": local_only}
-        try:
-            vae = AutoencoderKL.from_pretrained(
-                source, subfolder="vae", torch_dtype=vae_dtype, **common
-            )
-            unet = UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, **common
-            )
+        with loading(source, "sdxl"):
+            vae, unet = load_vae_unet(source, local_only, dtype, vae_dtype, device)
             te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
             te2 = CLIPTextModelWithProjection.from_pretrained(
                 source, subfolder="text_encoder_2", **common
             )
             tok1 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
             tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
-        except (OSError, ValueError) as err:
-            raise WeightsNotFoundError(
-                f"Could not load SDXL-family weights '{source}': {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}. " + fix_message(source, "sdxl")
-            ) from err
-        move_modules(unet, device=device, dtype=dtype)
-        move_modules(vae, device=device, dtype=vae_dtype)
         move_modules(te1, te2, device=device, dtype=torch.float32)
         kwargs.setdefault("scheduler", load_scheduler(source, local_only))
         backbone = cls(vae, unet, te1, te2, tok1, tok2, timestep, name=str(source), **kwargs)

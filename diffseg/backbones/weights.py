@@ -3,12 +3,22 @@ any long work, with one message naming the id and the fixes when they cannot be 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["SUBFOLDERS", "WeightsNotFoundError", "fix_message", "move_modules", "resolve_weights"]
+__all__ = [
+    "SUBFOLDERS",
+    "WeightsNotFoundError",
+    "fix_message",
+    "load_vae_unet",
+    "loading",
+    "move_modules",
+    "resolve_weights",
+]
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -136,3 +146,33 @@ def move_modules(*modules: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device=device)
         if next(module.parameters()).dtype != dtype:
             module.to(dtype=dtype)
+
+
+@contextlib.contextmanager
+def loading(source: str, family: str) -> Iterator[None]:
+    """Turn a loader's failure (a missing or damaged file in a model folder or cache) into one
+    :class:`WeightsNotFoundError` naming ``source`` and the fixes."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise WeightsNotFoundError(
+            f"Could not load the {family} weights '{source}': {type(err).__name__}: {first}. "
+            + fix_message(source, family)
+        ) from err
+
+
+def load_vae_unet(source: str, local_only: bool, dtype, vae_dtype, device):
+    """The ``vae/`` and ``unet/`` of a model folder or hub id, each loaded in its precision and
+    moved to ``device``: ``(vae, unet)``. Call inside :func:`loading`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(
+        source, subfolder="vae", torch_dtype=vae_dtype, local_files_only=local_only
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        source, subfolder="unet", torch_dtype=dtype, local_files_only=local_only
+    )
+    move_modules(unet, device=device, dtype=dtype)
+    move_modules(vae, device=device, dtype=vae_dtype)
+    return vae, unet
