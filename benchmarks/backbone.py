@@ -136,7 +136,7 @@ def make_cases(
     return cases
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sd14", choices=["sd14", "tiny"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,7 +150,9 @@ def main() -> None:
     )
     parser.add_argument("--chunk-elements", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,6 +16,8 @@ Reports seconds per image for
 - concept assignment at 128 (``assign_concepts``) and PAMR + median (``refine_labels``).
 
     .venv/bin/python benchmarks/diffcut.py [--images 3] [--device cpu|cuda] [--threads N] [--json out.json]
+    .venv/bin/python benchmarks/diffcut.py --images 1 --tokens 8 --channels 64 --output-size 32 \
+        --extraction --image-size 256                  # smoke run (seconds)
 
 - the cut with ``partial_eigh`` (the CPU's two-eigenpair solver; not the default, see
   ``diffseg.ncut.second_eigenvector``) and the share of its tokens labelled as the default's;
@@ -130,14 +132,14 @@ def partial_section(feats: list[torch.Tensor], device: str) -> dict:
     return {"cut_partial_s": statistics.median(times), "agreement": agree}
 
 
-def extraction_section(images: int, device: str) -> dict:
+def extraction_section(images: int, device: str, image_size: int = 1024) -> dict:
     """DiffCut's feature pass (VAE, noise, conditioning, UNet up to the layer) per image."""
     from diffseg import DiffCut, build_backbone
 
     name = "sdxl_random" if device == "cuda" else "tiny_sdxl"
     dtype = torch.float16 if device == "cuda" else torch.float32
     backbone, method = build_backbone(name, device=device, dtype=dtype), DiffCut()
-    batch = torch.rand(1, 3, 1024, 1024, device=device) * 2 - 1
+    batch = torch.rand(1, 3, image_size, image_size, device=device) * 2 - 1
     method.features(backbone, batch)  # warm-up
     times = [timed(device, method.features, backbone, batch)[1] for _ in range(images)]
     return {"extraction_s": statistics.median(times), "extraction_model": name}
@@ -175,7 +177,7 @@ def assign_refine_section(feats: list[torch.Tensor], device: str, size: int) -> 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -185,10 +187,18 @@ def main() -> None:
     ap.add_argument("--output-size", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--extraction", action="store_true", help="also time the UNet pass")
-    args = ap.parse_args()
+    ap.add_argument("--tokens", type=int, default=32, help="token grid side (SSD-1B at 1024: 32)")
+    ap.add_argument("--channels", type=int, default=1280, help="feature channels (SSD-1B: 1280)")
+    ap.add_argument("--image-size", type=int, default=1024, help="input side of --extraction")
+    args = ap.parse_args(argv)
+    if args.images < 1 or args.tokens < 4 or args.channels < 8:
+        ap.error("--images must be >= 1, --tokens >= 4 and --channels >= 8")
     if args.threads:
         torch.set_num_threads(args.threads)
-    feats = [F.normalize(clustered_features(i), dim=0).to(args.device) for i in range(args.images)]
+    feats = [
+        F.normalize(clustered_features(i, args.channels, args.tokens), dim=0).to(args.device)
+        for i in range(args.images)
+    ]
     # Warm-up: first calls pay for allocations and kernel selection.
     ncut_labels(feats[0])
     figures = {"device": args.device, "threads": torch.get_num_threads(), "images": args.images}
@@ -199,7 +209,12 @@ def main() -> None:
         ("assign+pamr", lambda: assign_refine_section(feats, args.device, args.output_size)),
     ]
     if args.extraction:
-        sections.append(("extraction", lambda: extraction_section(args.images, args.device)))
+        sections.append(
+            (
+                "extraction",
+                lambda: extraction_section(args.images, args.device, args.image_size),
+            )
+        )
     for name, section in sections:
         result = section()
         figures.update(result)

@@ -65,14 +65,16 @@ def bench(fn, repeats: int) -> float:
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.images < 1 or args.size < 64 or args.size % 64 or args.repeats < 1:
+        p.error("--images and --repeats must be >= 1, --size a multiple of 64")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -3,6 +3,8 @@ precisions, for DiffSeg and DiffCut, through the engine's own loop and evaluator
 
     python benchmarks/pipeline.py                      # CUDA when present, else the CPU
     python benchmarks/pipeline.py --batches 1 4 8 16 --dtypes float32 float16 --images 64
+    python benchmarks/pipeline.py --device cpu --batches 1 --images 1 --image-size 128 \
+        --resolution 32 --workers 0                    # smoke run (tiny models, seconds)
 
 On CUDA the backbones have the real shapes with RANDOM weights (DiffSeg: SD v1 at 512 px;
 DiffCut: SDXL base at 1024 px, a little larger than SSD-1B); on the CPU the tiny models of the
@@ -64,11 +66,15 @@ def unet_flops(backbone, method, image_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(backbone, method, batch: int, images: int, image_size: int, resolution: int):
+def measure(
+    backbone, method, batch: int, images: int, image_size: int, resolution: int, workers: int = 2
+):
     """Run the engine's loop over random images; returns the stage times."""
     device = backbone.device
     data = RandomImages(images, image_size, resolution)
-    loader = DataLoader(data, batch_size=batch, num_workers=2, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        data, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         setting = Setting(None, {}, {}, method, Path(tmp))
         records = MetricEvaluator(Path(tmp), data_ids(data), [str(c) for c in range(27)], True)
@@ -109,7 +115,10 @@ def encode_share(backbone, method, batch: int, image_size: int, repeats: int = 3
 
 def report(name: str, batch: int, dtype, times: StageTimes, flops: float, peak: float | None):
     total = sum(times.seconds.values())
-    rate = times.images / total if total else float("nan")
+    if not times.images or total <= 0:  # only the warm-up batch ran: nothing was timed
+        print(f"{name:<8} batch {batch:>2}: no timed batch (every image went to the warm-up)")
+        return
+    rate = times.images / total
     shares = " ".join(f"{k} {100 * times.seconds[k] / total:4.1f}%" for k in STAGES)
     line = f"{name:<8} batch {batch:>2} {str(dtype).replace('torch.', ''):<8} {rate:7.2f} img/s | {shares}"
     if peak:
@@ -117,15 +126,26 @@ def report(name: str, batch: int, dtype, times: StageTimes, flops: float, peak: 
     print(line, flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--dtypes", nargs="+", default=None)
-    parser.add_argument("--images", type=int, default=None, help="timed images per setting")
+    parser.add_argument(
+        "--images", type=int, default=None, help="timed images per setting (+ a warm-up batch)"
+    )
     parser.add_argument("--methods", nargs="+", default=["diffseg", "diffcut"])
     parser.add_argument("--peak-tflops", type=float, default=None)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input side (default: 512 / 1024)"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="evaluation side (default: the protocol's)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    args = parser.parse_args(argv)
+    if args.images is not None and args.images < 1:
+        parser.error("--images must be >= 1 (timed images, after a warm-up batch)")
     cuda = args.device.startswith("cuda")
     batches = args.batches or ([1, 4, 8, 16] if cuda else [1, 2])
     dtypes = [
@@ -145,12 +165,15 @@ def main() -> None:
     }
     for name in args.methods:
         bb_name, method, image_size, resolution = plans[name]
+        image_size = args.image_size or image_size
+        resolution = args.resolution or resolution
         for dtype, batch in itertools.product(dtypes, batches):
             backbone = build_backbone(bb_name, device=args.device, dtype=dtype)
             flops = unet_flops(backbone, method, image_size) if peak else 0.0
-            n = args.images or max(2 * batch, 4 if cuda else 3) + batch  # + the warm-up batch
+            timed = args.images or max(2 * batch, 4 if cuda else 3)
+            n = timed + batch  # + the warm-up batch
             t0 = time.perf_counter()
-            times = measure(backbone, method, batch, n, image_size, resolution)
+            times = measure(backbone, method, batch, n, image_size, resolution, args.workers)
             report(name, batch, dtype, times, flops, peak)
             share = encode_share(backbone, method, batch, image_size)
             print(f"         VAE encode: {100 * share:.0f}% of the features stage")

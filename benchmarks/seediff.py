@@ -8,6 +8,8 @@ recording, the bytes of the recorded attention sums, the PAMR refinement alone (
 by default), and on CUDA the peak memory of both runs.
 
     .venv/bin/python benchmarks/seediff.py [--steps 50] [--configs tiny,sd14] [--threads 2]
+    .venv/bin/python benchmarks/seediff.py --configs tiny --steps 2 --image-size 64 \
+        --pamr-iterations 2                            # smoke run (seconds)
 """
 
 from __future__ import annotations
@@ -41,9 +43,16 @@ def timed(fn, device: torch.device) -> tuple[float, int | None]:
     return time.perf_counter() - start, peak
 
 
-def bench(config: str, device: torch.device, dtype: torch.dtype, steps: int, pamr_iter: int):
+def bench(
+    config: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    pamr_iter: int,
+    size: int = 512,
+):
     backbone = StableDiffusionBackbone.from_config(config, device=device, dtype=dtype)
-    seediff = SeeDiff(num_inference_steps=steps, refine=False)
+    seediff = SeeDiff(num_inference_steps=steps, refine=False, image_size=size)
     pipe = as_pipeline(backbone)
 
     def plain():
@@ -52,6 +61,8 @@ def bench(config: str, device: torch.device, dtype: torch.dtype, steps: int, pam
                 "A photo of a dog",
                 num_inference_steps=steps,
                 guidance_scale=7.0,
+                height=size,
+                width=size,
                 latents=seediff.initial_latent(pipe, 0),
                 output_type="np",
             )
@@ -64,12 +75,13 @@ def bench(config: str, device: torch.device, dtype: torch.dtype, steps: int, pam
     seeded()  # warm-up (allocations, kernels)
     t_plain, peak_plain = timed(plain, device)
     t_seed, peak_seed = timed(seeded, device)
-    mask = torch.zeros(512, 512, dtype=torch.bool, device=device)
-    mask[128:384, 128:384] = True
-    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (512, 512, 3))).to(device)
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (size, size, 3))).to(device)
     t_pamr, _ = timed(lambda: refine_mask(mask, image, num_iter=pamr_iter), device)
     return {
         "config": config,
+        "image_size": size,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "steps": steps,
@@ -85,13 +97,16 @@ def bench(config: str, device: torch.device, dtype: torch.dtype, steps: int, pam
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--configs", default="tiny,sd14", help="sd14 runs on CUDA only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pamr-iterations", type=int, default=5000)
-    args = parser.parse_args()
+    parser.add_argument("--image-size", type=int, default=512, help="a multiple of 64")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.image_size < 64 or args.image_size % 64:
+        parser.error("--steps must be >= 1 and --image-size a multiple of 64")
     if args.threads:
         torch.set_num_threads(args.threads)
     for config in args.configs.split(","):
@@ -99,7 +114,8 @@ def main() -> None:
         if torch.cuda.is_available():
             runs += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.float16)]
         for device, dtype in runs:
-            print(json.dumps(bench(config, device, dtype, args.steps, args.pamr_iterations)))
+            figures = bench(config, device, dtype, args.steps, args.pamr_iterations, args.image_size)
+            print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Wall-clock figures depend on what else runs on the machine. With `--threads 1`, 
 time it also prints is close to the wall-clock time on an idle core, even on a loaded machine.
 
     .venv/bin/python benchmarks/segmentor.py [--images 3] [--device cpu|cuda|all] [--threads N]
+    .venv/bin/python benchmarks/segmentor.py --images 1 --grid 16 --output-size 64   # smoke run
 """
 
 from __future__ import annotations
@@ -27,17 +28,30 @@ from pathlib import Path
 
 import torch
 
-from diffseg.baselines import kmeans_c  # noqa: E402
-from diffseg.segmentor import (  # noqa: E402
-    DiffSeg,
-    aggregate_attention,
-    first_merge,
-    greedy_merge,
-    proposals_to_labels,
-    symmetric_kl,
-    symmetric_kl_reference,
-)
+from diffseg import DiffSeg, aggregate_attention, kmeans_c, proposals_to_labels, symmetric_kl
 from diffseg.testing import synthetic_attention as sa
+
+
+def structured_maps(grid: int, seed: int, regions: int = 8) -> dict[int, torch.Tensor]:
+    """Random structured attention ``{r: (1, r*r, r*r)}`` on the grids ``grid, grid/2, grid/4,
+    grid/8`` (SD v1 at 512 px: 64, 32, 16, 8): Voronoi regions, random affinities, noise."""
+    labels = sa.voronoi_labels(regions, grid, seed)
+    g = torch.Generator().manual_seed(seed)
+    aff = torch.rand(regions, regions, generator=g) * 2.0
+    aff = (aff + aff.T) / 2 + 5.0 * torch.eye(regions)
+    grids = [grid >> k for k in range(4) if grid >> k >= 1 and grid % (grid >> k) == 0]
+    return sa.make_maps(labels, aff, resolutions=grids, noise=0.5, seed=seed)
+
+
+def direct_kl(anchors: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL ``(K, N)`` of every anchor map ``(K, D)`` to every map ``(N, D)`` by the direct
+    broadcasting formula, one anchor at a time (as the release computes it)."""
+    logq = maps.log()
+    rows = []
+    for x in anchors:
+        quotient = x.log()[None] - logq  # (N, D)
+        rows.append((x[None] * quotient).sum(-1) / 2 - (maps * quotient).sum(-1) / 2)
+    return torch.stack(rows)
 
 
 class PeakRSS:
@@ -111,31 +125,31 @@ def measure(method, maps: dict, device: str, output_size: int) -> dict:
 
 
 def steps(maps: dict, device: str, output_size: int) -> dict:
-    """Seconds of each DiffSeg step on one image (the defaults)."""
+    """Seconds of each DiffSeg step on one image (the defaults): aggregation, the first merging
+    iteration alone, all iterations (``merge``), and the NMS to ``output_size``."""
     ds = DiffSeg()
-    agg, t_agg = _timed(lambda: aggregate_attention(maps), device)
-    flat = agg[0].reshape(4096, 4096)
-    props, t_first = _timed(
-        lambda: first_merge(flat, ds.anchors.to(flat.device), ds.thresholds[0]), device
-    )
-    t_greedy = 0.0
-    for tau in ds.thresholds[1:]:
-        props, t = _timed(lambda p=props, tau=tau: greedy_merge(p, tau), device)
-        t_greedy += t
-    _, t_nms = _timed(lambda: proposals_to_labels(props.reshape(-1, 64, 64), output_size), device)
-    return {"aggregate": t_agg, "first_merge": t_first, "greedy_passes": t_greedy, "nms": t_nms}
+    agg, t_agg = _timed(lambda: aggregate_attention(maps, out_res=max(maps)), device)
+    first = DiffSeg(kl_threshold=ds.thresholds[0], num_iterations=1)
+    _, t_first = _timed(lambda: first.merge(agg), device)
+    props, t_merge = _timed(lambda: ds.merge(agg), device)
+    _, t_nms = _timed(lambda: proposals_to_labels(props[0], output_size), device)
+    return {"aggregate": t_agg, "first_iteration": t_first, "merge": t_merge, "nms": t_nms}
 
 
 def kl_speedup(maps: dict, device: str, anchors: int) -> dict:
-    """Fast KL for all 256 anchors x 4096 maps vs the direct formula on `anchors` anchors."""
-    flat = aggregate_attention(maps)[0].reshape(4096, 4096)
-    idx = DiffSeg().anchors.to(flat.device)
+    """KL by matrix products for every anchor x every map, against the direct formula on
+    ``anchors`` anchors (extrapolated to all)."""
+    n = max(maps)
+    flat = aggregate_attention(maps, out_res=n)[0].reshape(n * n, n * n)
+    idx = DiffSeg().anchors(n).to(flat.device)
     fast, t_fast = _timed(lambda: symmetric_kl(flat[idx], flat), device)
     sub = idx[:anchors]
-    naive, t_naive = _timed(lambda: symmetric_kl_reference(flat[sub], flat, chunk=1), device)
+    naive, t_naive = _timed(lambda: direct_kl(flat[sub], flat), device)
     err = float((fast[:anchors] - naive).abs().max())
     naive_all = t_naive * len(idx) / anchors
     return {
+        "anchors": len(idx),
+        "maps": n * n,
         "fast_all_anchors_s": t_fast,
         "naive_per_anchor_s": t_naive / anchors,
         "naive_all_anchors_s_extrapolated": naive_all,
@@ -144,7 +158,7 @@ def kl_speedup(maps: dict, device: str, anchors: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -157,11 +171,19 @@ def main() -> None:
     )
     ap.add_argument("--output-size", type=int, default=512)
     ap.add_argument(
+        "--grid",
+        type=int,
+        default=64,
+        help="finest attention grid (64: SD v1 at 512 px; e.g. 16 for a smoke run)",
+    )
+    ap.add_argument(
         "--naive-anchors", type=int, default=4, help="anchors for the direct-KL timing (0: skip)"
     )
     ap.add_argument("--baselines", action="store_true", help="also time K-Means-C")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.images < 1 or args.grid < 8 or args.grid & (args.grid - 1):
+        ap.error("--images must be >= 1 and --grid a power of two >= 8")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -183,10 +205,7 @@ def main() -> None:
     for device in devices:
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         inputs = [
-            {
-                r: m.to(device)
-                for r, m in sa.random_structured_maps(1, num_regions=8, seed=s)[0].items()
-            }
+            {r: m.to(device) for r, m in structured_maps(args.grid, seed=s).items()}
             for s in range(args.images + 1)
         ]
         input_mb = sum(m.numel() * m.element_size() for m in inputs[0].values()) / 2**20
@@ -228,7 +247,7 @@ def main() -> None:
             if "kl" in row:
                 kl = row["kl"]
                 print(
-                    f"KL, 256 anchors x 4096 maps: matrix products {kl['fast_all_anchors_s']:.3f} s; "
+                    f"KL, {kl['anchors']} anchors x {kl['maps']} maps: matrix products {kl['fast_all_anchors_s']:.3f} s; "
                     f"direct formula {kl['naive_per_anchor_s']:.3f} s/anchor -> "
                     f"{kl['naive_all_anchors_s_extrapolated']:.1f} s (x{kl['speedup']:.0f}); "
                     f"max |difference| {kl['max_abs_diff']:.1e}"
