@@ -48,11 +48,16 @@ demo: $(STAMP)
 tables: $(STAMP)
 	$(BIN)/python experiments/make_tables.py $(RUNS) --out experiments/tables
 
-# Speed and memory figures (by hand; see benchmarks/README.md).
+# Speed and memory figures of every script in benchmarks/ at full size (long on a CPU: the
+# backbone's sd14 pass alone takes minutes; see benchmarks/README.md). tests/test_benchmarks.py
+# runs each of them at tiny sizes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/segmentor.py
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/diffcut.py
 	$(BIN)/python benchmarks/backbone.py
+	$(BIN)/python benchmarks/seediff.py
+	$(BIN)/python benchmarks/pipeline.py
 
 # The environment and caches only; results are never touched here.
 clean:

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available():
             runs += [(torch.device("cuda"), torch.float32), (torch.device("cuda"), torch.float16)]
         for device, dtype in runs:
-            figures = bench(config, device, dtype, args.steps, args.pamr_iterations, args.image_size)
+            figures = bench(
+                config, device, dtype, args.steps, args.pamr_iterations, args.image_size
+            )
             print(json.dumps(figures))
 
 
