@@ -2,9 +2,15 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# torch comes from pip's default index: on Linux x86-64 that is the CUDA build (several GB).
-# For the CPU build: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# (the index serves torch and its dependencies; the rest comes from the default index).
+# What `make install` puts in .venv: torch $(TORCH) (pinned), then this package editable with its
+# test extras (diffusers, transformers, hydra, ... from pip's default index, at the versions
+# pyproject.toml allows). torch comes from pip's default index unless TORCH_INDEX names another:
+#   make install                                                  # PyPI's torch: on Linux x86-64
+#                                                                 # the CUDA build (several GB)
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu # the CPU-only build
+# (the index serves torch and its dependencies; the rest comes from the default index). If a pip
+# step fails the install stops there with an error (exit status 2 from make): the package step,
+# which would pull torch from the default index, never runs after a failed torch install.
 TORCH   ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP   := $(VENV)/.installed
@@ -19,12 +25,24 @@ RUNS    ?= outputs multirun
 
 install: $(STAMP)
 
+# pip's output without its "... is ignored" notices; a failed step prints one error line and
+# stops make (the notices are filtered from a log, so pip's own exit status is kept).
+PIP_LOG := $(VENV)/pip-install.log
+define pip_step
+@echo '$(BIN)/pip install -q $(1)'
+@status=0; $(BIN)/pip install -q $(1) >$(PIP_LOG) 2>&1 || status=$$?; \
+	grep -v "is ignored" $(PIP_LOG); rm -f $(PIP_LOG); \
+	if [ $$status -ne 0 ]; then \
+		echo "error: make install: 'pip install $(2)' failed (exit status $$status; pip's messages are above); the later steps were skipped: fix the cause and run make install again" >&2; \
+		exit 1; fi
+endef
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") \
-		2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+	@status=0; $(BIN)/pip install -q --upgrade pip >$(PIP_LOG) 2>&1 || status=$$?; rm -f $(PIP_LOG); \
+		if [ $$status -ne 0 ]; then echo "warning: could not upgrade pip; going on with the venv's own pip" >&2; fi
+	$(call pip_step,"$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"),$(TORCH)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)))
+	$(call pip_step,-e ".[test]",-e .[test])
 	$(BIN)/python -c "import torch, diffusers, transformers, hydra, cv2, scipy, wandb, diffseg, eval"
 	touch $(STAMP)
 

@@ -65,3 +65,47 @@ def test_clean_results_deletes_on_yes_or_force(results_copy):
 def test_gitignore_covers_generated_tables():
     lines = (REPO / ".gitignore").read_text().splitlines()
     assert "experiments/tables/" in lines
+
+
+FAKE_PIP = """#!/bin/sh
+# A stand-in for the venv's pip: logs its arguments, fails for the package named nonexistent-*.
+echo "$*" >> "$(dirname "$0")/calls.log"
+echo "DEPRECATION: something is ignored"
+case "$*" in
+  *nonexistent-*) echo "ERROR: No matching distribution found for nonexistent-package==0"; exit 1;;
+esac
+echo "installed: $*"
+"""
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A venv folder whose pip and python are scripts (offline, instant)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "pip").write_text(FAKE_PIP)
+    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("pip", "python"):
+        (bin_dir / name).chmod(0o755)
+    return tmp_path / "venv"
+
+
+def test_install_fails_loudly_when_torch_cannot_be_installed(fake_venv):
+    done = _make("install", f"VENV={fake_venv}", "TORCH=nonexistent-package==0")
+    assert done.returncode != 0
+    assert "No matching distribution found for nonexistent-package==0" in done.stdout
+    assert "DEPRECATION" not in done.stdout  # pip's "... is ignored" noise is still filtered
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'pip install nonexistent-package==0' failed" in errors[0]
+    calls = (fake_venv / "bin" / "calls.log").read_text()
+    assert "-e .[test]" not in calls  # the default index never got a chance to pull torch
+    assert not (fake_venv / ".installed").exists()
+
+
+def test_install_succeeds_and_filters_noise_when_pip_does(fake_venv):
+    done = _make("install", f"VENV={fake_venv}", "TORCH=torch==2.13.0")
+    assert done.returncode == 0, done.stderr
+    assert "installed: install -q torch==2.13.0" in done.stdout
+    assert "installed: install -q -e .[test]" in done.stdout
+    assert "DEPRECATION" not in done.stdout and "error:" not in done.stderr
+    assert (fake_venv / ".installed").exists()
