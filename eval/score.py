@@ -18,6 +18,12 @@ docs/diffseg.md section 1, and each image is scored with the per-image Hungarian
 ``eval.metrics``. Every check (missing, extra and wrongly sized files) runs before any scoring,
 and outputs are written only once everything succeeded.
 
+A folder written by ``run.py`` also holds ``manifest.json`` (the run's backbone, method and
+``random_weights``; never counted as a prediction). Predictions of a run with RANDOM weights
+are scored, with one warning line and ``random_weights: true`` and a ``WARNING`` in the output
+JSON: their numbers mean nothing. Folders without a manifest are checked by the PNG text entry
+``diffseg:random_weights`` of their first prediction.
+
 For datasets with a background class (``background_index`` of the loader: voc, context,
 coco_object) each prediction first goes through ``eval.metrics.merge_background`` (DiffCut's
 many-to-one rule: segments not matched to an object class of the image become one background
@@ -46,6 +52,12 @@ DATASET_CHOICES = ["coco_stuff27", "cityscapes", "voc", "context", "coco_object"
 # Single-channel Pillow modes whose values are the stored integers.
 _ID_MODES = ("L", "P", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
 _SHOW = 5  # ids shown in error messages
+#: The file that describes a prediction folder (written by the engine's PredictionWriter).
+PREDICTION_MANIFEST = "manifest.json"
+RANDOM_WEIGHTS_WARNING = (
+    "these predictions come from a run with RANDOM weights ({source}): its scores mean nothing "
+    "and must not be reported"
+)
 
 
 def read_prediction(path: str | Path) -> np.ndarray:
@@ -91,6 +103,7 @@ def find_predictions(
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"predictions folder not found: {pred_dir}")
     present = {p.name for p in pred_dir.iterdir() if not p.name.startswith(".")}
+    present.discard(PREDICTION_MANIFEST)
     expected = [f"{i}.png" for i in ids]
     missing = [i for i, name in zip(ids, expected, strict=True) if name not in present]
     if missing:
@@ -106,6 +119,36 @@ def find_predictions(
             f"{_list_ids(extra, len(extra) - _SHOW)}. Remove them, or pass --ignore-extra."
         )
     return [pred_dir / name for name in expected]
+
+
+def random_weights_source(pred_dir: str | Path, ids: Sequence[str]) -> str | None:
+    """Where a prediction folder says its run had RANDOM weights, or None when it does not.
+
+    Reads ``manifest.json`` when there is one (an unreadable manifest is not trusted either
+    way), else the ``diffseg:random_weights`` PNG text of the prediction of ``ids[0]``.
+    """
+    manifest = Path(pred_dir) / PREDICTION_MANIFEST
+    if manifest.is_file():
+        try:
+            info = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and "random_weights" in info:
+            if info["random_weights"] is not True:
+                return None
+            return f"{manifest}: backbone {info.get('backbone', '?')}"
+    if not ids:
+        return None
+    first = Path(pred_dir) / f"{ids[0]}.png"
+    try:
+        with Image.open(first) as img:
+            flag = img.info.get("diffseg:random_weights")
+            if flag is None:  # text after the image data is read with the pixels
+                img.load()
+                flag = img.info.get("diffseg:random_weights")
+    except (UnidentifiedImageError, OSError):
+        return None
+    return f"PNG text of {first.name}" if flag == "true" else None
 
 
 def check_sizes(paths: Sequence[Path], resolution: int) -> None:
@@ -303,11 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             background_merge=args.background_merge,
         )
+        random_source = random_weights_source(args.predictions, list(labels.ids))
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"eval.score: error: {err}", file=sys.stderr)
         return 2
 
     result = metrics.compute()
+    warning = None
+    if random_source is not None:
+        warning = RANDOM_WEIGHTS_WARNING.format(source=random_source)
+        print(f"eval.score: warning: {warning}", file=sys.stderr)
     summary = {
         "dataset": args.dataset,
         "split": args.split,
@@ -317,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "protocol": BACKGROUND_PROTOCOL if merged else PROTOCOL,
         "background_index": getattr(labels, "background_index", None),
         "background_merge": merged,
+        "random_weights": random_source is not None,
+        **({"WARNING": warning} if warning else {}),
         **result,
         "class_names": list(labels.class_names),
     }

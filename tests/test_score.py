@@ -154,3 +154,61 @@ def test_ids_file_and_module_entry_point(coco, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert "ACC 100.00  mIoU 100.00  (2 images" in done.stdout
+
+
+def _engine_predictions(run_dir: Path, labels, random_weights: bool) -> Path:
+    """The labels written as predictions by the engine's PredictionWriter (with its manifest)."""
+    import torch
+
+    from diffseg.engine.evaluators import PredictionWriter, SegmentedBatch
+
+    meta = {
+        "method": "diffseg",
+        "setting": "",
+        "backbone": "tiny",
+        "random_weights": random_weights,
+    }
+    writer = PredictionWriter(run_dir, meta, original_size=False)
+    preds = torch.stack([labels.load_label(i) + 1 for i in range(len(labels.ids))])
+    writer.process(SegmentedBatch(list(labels.ids), preds, [{} for _ in labels.ids]))
+    return writer.folder
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("eval.score: warning:")]
+
+
+@pytest.mark.parametrize("random_weights", [True, False])
+def test_manifest_travels_and_random_weights_warn(coco, tmp_path, capsys, random_weights):
+    root, _ = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = _engine_predictions(tmp_path / "run", labels, random_weights)
+    manifest = json.loads((preds / "manifest.json").read_text())
+    assert manifest["random_weights"] is random_weights and manifest["backbone"] == "tiny"
+    assert manifest["method"] == "diffseg" and manifest["output_dir"] == str(tmp_path / "run")
+    out = tmp_path / "scored.json"
+    assert main(_coco_args(root, preds, "--output", str(out))) == 0  # manifest is no extra file
+    captured = capsys.readouterr()
+    assert "ACC 100.00" in captured.out
+    res = json.loads(out.read_text())
+    assert res["random_weights"] is random_weights and res["acc"] == 100.0
+    if random_weights:
+        (line,) = _warnings(captured.err)
+        assert "RANDOM weights" in line and "manifest.json" in line and "tiny" in line
+        assert "RANDOM weights" in res["WARNING"]
+    else:
+        assert _warnings(captured.err) == [] and "WARNING" not in res
+
+
+def test_random_weights_png_text_warns_without_manifest(coco, tmp_path, capsys):
+    """Folders from before the manifest: the first PNG's diffseg:random_weights text."""
+    from diffseg.overlay import save_segments_png
+
+    root, _ = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = tmp_path / "preds"
+    for i, image_id in enumerate(labels.ids):
+        save_segments_png(preds / f"{image_id}.png", labels.load_label(i) + 1, random_weights=True)
+    assert main(_coco_args(root, preds)) == 0
+    (line,) = _warnings(capsys.readouterr().err)
+    assert "RANDOM weights" in line and "PNG text" in line

@@ -188,7 +188,10 @@ class SegmentCounter(_Records):
 
 
 class PredictionWriter(Evaluator):
-    """Every prediction as ``predictions/<id>.png`` (segment ids; scorable by ``eval.score``).
+    """Every prediction as ``predictions/<id>.png`` (segment ids; scorable by ``eval.score``),
+    and ``predictions/manifest.json``: the run's metadata (``random_weights``, ``backbone``,
+    ``method``, ``setting``) and ``output_dir``, so the random-weights flag travels with the
+    folder (``eval.score`` warns when it scores predictions of random weights).
 
     ``original_size=True`` (image folders) writes each at its photo's own size
     (:func:`diffseg.data.transforms.to_original_size`; pixels outside a centre crop are -1).
@@ -198,11 +201,32 @@ class PredictionWriter(Evaluator):
         self.folder = Path(out_dir) / "predictions"
         self.metadata = metadata
         self.original_size = original_size
+        self._manifest_written = False
+
+    def write_manifest(self) -> None:
+        """``manifest.json`` (the same content at every session and from every process)."""
+        import json
+
+        from eval.score import PREDICTION_MANIFEST
+
+        from ..io_utils import atomic_write_text
+
+        manifest = {
+            "format": "diffseg predictions: <id>.png segment ids",
+            **self.metadata,
+            "random_weights": bool(self.metadata.get("random_weights")),
+            "output_dir": str(self.folder.parent.resolve()),
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / PREDICTION_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        self._manifest_written = True
 
     def process(self, batch: SegmentedBatch) -> None:
         from ..data.transforms import to_original_size
         from ..overlay import save_segments_png
 
+        if not self._manifest_written:  # before the first PNG: no folder without its manifest
+            self.write_manifest()
         for image_id, pred, item in zip(batch.ids, batch.preds, batch.items, strict=True):
             if self.original_size:
                 pred = to_original_size(pred, item["orig_size"], item.get("crop", "center"))
