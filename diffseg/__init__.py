@@ -20,7 +20,10 @@ from .features import FeatureRequest, Features
 
 # Eager on purpose: the function must shadow its submodule's name on the package.
 from .pamr import pamr  # noqa: I001
+from .quiet import silence_known_notices
 from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmetric_kl
+
+silence_known_notices()  # drops transformers' torchvision notice only (see diffseg/quiet.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
