@@ -14,6 +14,11 @@ class Progress:
     """A tqdm bar over the images to do, with the first setting's running ACC / mIoU, metrics
     sent to the tracker every ``log_every`` images, and a user callback.
 
+    Several processes (torchrun, or independent shard jobs): each process's running ACC / mIoU
+    are those of its own images only, which differ from the run's merged result, so neither
+    the bar nor the tracker shows them (only the images and their rate); the merged figures
+    are in ``results.json`` at the end.
+
     Args:
         total: images this session will process; resumed: images done by earlier sessions.
         runs: the settings (their records evaluators give the running metrics).
@@ -36,6 +41,8 @@ class Progress:
         # times the number of processes (no collective per batch: shards may differ by one).
         self.scale = dist.world_size if dist is not None and dist.group else 1
         self.show = dist is None or dist.is_main
+        # Running figures only when this process sees every image of the run.
+        self.figures = dist is None or dist.world_size == 1
         self.tracker, self.on_batch, self.log_every = tracker, on_batch, log_every
         self.done = 0
         self.bar = None
@@ -64,8 +71,9 @@ class Progress:
         self.bar.update(step * self.scale)
         head = self.runs[0].records
         if self.show and hasattr(head, "running"):
-            m = head.running()
-            self.bar.set_postfix(acc=f"{m['acc']:.1f}", miou=f"{m['miou']:.1f}")
+            if self.figures:
+                m = head.running()
+                self.bar.set_postfix(acc=f"{m['acc']:.1f}", miou=f"{m['miou']:.1f}")
             if done % self.log_every < step or done == self.total:
                 self._log(done)
         if self.on_batch is not None:
@@ -74,7 +82,7 @@ class Progress:
     def _log(self, done: int) -> None:
         elapsed = time.perf_counter() - self._t0
         metrics = {"images": self.resumed + done, "images_per_s": done / max(elapsed, 1e-9)}
-        for run in self.runs:
+        for run in self.runs if self.figures else ():
             m = run.records.running()
             prefix = f"{run.setting.name}/" if run.setting.name else ""
             metrics[f"{prefix}acc"], metrics[f"{prefix}miou"] = m["acc"], m["miou"]
