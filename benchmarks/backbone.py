@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import torch
 
+from diffseg import StableDiffusionBackbone
 from diffseg.attention import AttentionStore, capture_self_attention
-from diffseg.backbone import StableDiffusionBackbone
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from diffseg.backbones import StableDiffusionBackbone
+from diffseg import StableDiffusionBackbone
 from diffseg.seediff import SeeDiff, as_pipeline
 from diffseg.seediff.algorithm import refine_mask
 
