@@ -39,6 +39,7 @@ endef
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo '$(BIN)/pip install -q --upgrade pip'
 	@status=0; $(BIN)/pip install -q --upgrade pip >$(PIP_LOG) 2>&1 || status=$$?; rm -f $(PIP_LOG); \
 		if [ $$status -ne 0 ]; then echo "warning: could not upgrade pip; going on with the venv's own pip" >&2; fi
 	$(call pip_step,"$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"),$(TORCH)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)))
