@@ -36,8 +36,8 @@ import torch
 
 from diffseg.attention import AttentionStore, capture_self_attention
 from diffseg.backbone import StableDiffusionBackbone
+from diffseg.precision import DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _malloc_trim() -> None:
