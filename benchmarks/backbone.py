@@ -39,7 +39,6 @@ from diffseg.backbone import StableDiffusionBackbone
 from diffseg.precision import DTYPES
 
 
-
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

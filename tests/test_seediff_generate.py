@@ -141,7 +141,7 @@ def test_shards_are_contiguous_and_cover_the_plan():
 
 def test_fp16_unet_records_float32(one_thread):
     """A float16 UNet gives float32 maps (checked on CPU when half matmul is available)."""
-    from diffseg.seediff.recording import attention_probabilities
+    from diffseg.attention import attention_probabilities
 
     q = torch.randn(1, 2, 16, 8).half()
     k = torch.randn(1, 2, 16, 8).half()

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 #: Evaluation sizes accepted (pixels per side of labels and predictions).
 RESOLUTION_RANGE = (32, 2048)
 
+
 def plain(cfg: Any) -> Any:
     """A DictConfig/ListConfig (or anything) as resolved plain Python."""
     if OmegaConf.is_config(cfg):
