@@ -52,12 +52,25 @@ def log_error_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def _close_file_handlers(folder: Path) -> None:
+    """Detach and close the log handlers writing into ``folder`` (before it is removed)."""
+    root = logging.getLogger()
+    folder = folder.absolute()
+    for handler in list(root.handlers):
+        if (
+            isinstance(handler, logging.FileHandler)
+            and folder in Path(handler.baseFilename).parents
+        ):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _remove_unstarted(folder: Path, up_to: Path | None) -> None:
     """Remove ``folder`` (made by Hydra for this start), then its parents while they are empty,
     stopping after ``up_to``."""
     if not folder.is_dir():
         return
-    logging.shutdown()  # close the log file before it is removed
+    _close_file_handlers(folder)
     shutil.rmtree(folder, ignore_errors=True)
     if up_to is None:
         return
