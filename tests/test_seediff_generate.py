@@ -243,3 +243,17 @@ def test_generate_py_failed_starts_leave_nothing_and_name_the_setting(full_run, 
     bad = _generate_py(*common, f"output_dir={fresh}", "class_list=pascal", cwd=tmp_path)
     assert bad.returncode == 2 and "error: give classes=[...] or class_list" in bad.stderr
     assert not fresh.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_a_half_precision_unet_runs_beside_the_float32_text_encoder(dtype, one_thread):
+    """The backbones keep their text encoder in float32; diffusers would cast the prompt
+    embeddings back to it and feed float32 to a half-precision UNet (dtype=fp16 failed)."""
+    from diffseg.backbones import build_backbone
+
+    backbone = build_backbone("tiny", dtype=dtype)
+    assert backbone.text_encoder.dtype == torch.float32 and backbone.unet.dtype == dtype
+    seediff = SeeDiff(image_size=128, num_inference_steps=1, refine=False)
+    image, mask, info = seediff.generate(backbone, "dog", 200000)
+    assert image.shape == (128, 128, 3) and mask.shape == (128, 128) and info["unet_calls"] >= 1
+    assert seediff.pipeline(backbone).text_encoder is backbone.text_encoder  # put back

@@ -13,8 +13,10 @@ the capture code evaluation uses) for the call, then turns the recorded attentio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,7 +236,7 @@ class SeeDiff:
             dtype = pipe.unet.dtype
             cond, uncond = cond.to(dtype), None if uncond is None else uncond.to(dtype)
         capture = request.capture(pipe.unet, "Stable Diffusion v1-shaped (SeeDiff's layers)")
-        with torch.inference_mode(), capture as recorder:
+        with torch.inference_mode(), capture as recorder, _embeddings_kept(pipe):
             out = pipe(
                 prompt_embeds=cond,
                 negative_prompt_embeds=uncond,
@@ -264,6 +266,22 @@ class SeeDiff:
             "random_weights": bool(getattr(model, "is_random", False)),
         }
         return image, mask, info
+
+
+@contextlib.contextmanager
+def _embeddings_kept(pipe) -> Iterator[None]:
+    """During the pipeline call, hide a text encoder whose dtype is not the UNet's: diffusers
+    casts given prompt embeddings to the text encoder's dtype, which would feed float32
+    embeddings to a float16 UNet (the backbones keep their text encoders in float32)."""
+    encoder = pipe.text_encoder
+    if encoder is None or encoder.dtype == pipe.unet.dtype:
+        yield
+        return
+    pipe.text_encoder = None
+    try:
+        yield
+    finally:
+        pipe.text_encoder = encoder
 
 
 def trajectory_request(

@@ -274,11 +274,15 @@ def own_scheduler(model_id: str):
 
 def build_model(settings: GenerationSettings) -> tuple[Any, bool]:
     """``(pipeline, is_random)``: diffusers' ``StableDiffusionPipeline`` over the configured
-    backbone, with the model folder's own scheduler (random weights: SD v1.4's PNDM)."""
+    backbone, with the model folder's own scheduler and its text encoder in ``dtype``, as
+    ``StableDiffusionPipeline.from_pretrained(torch_dtype=dtype)`` loads them (random weights:
+    SD v1.4's PNDM, text encoder in float32)."""
     backbone = build_backbone_from_config(settings.backbone, settings.knobs())
     pipe = as_pipeline(backbone)
     if not backbone.is_random:
         pipe.scheduler = own_scheduler(getattr(backbone, "model_id", settings.model))
+        # as diffusers' from_pretrained(torch_dtype=dtype) loads it (the released pipeline)
+        pipe.text_encoder.to(dtype=settings.dtype)
     return pipe, bool(backbone.is_random)
 
 
