@@ -257,3 +257,27 @@ def test_a_half_precision_unet_runs_beside_the_float32_text_encoder(dtype, one_t
     image, mask, info = seediff.generate(backbone, "dog", 200000)
     assert image.shape == (128, 128, 3) and mask.shape == (128, 128) and info["unet_calls"] >= 1
     assert seediff.pipeline(backbone).text_encoder is backbone.text_encoder  # put back
+
+
+def test_a_local_model_folder_gives_the_images_of_its_weights(full_run, tmp_path, one_thread):
+    """``backbone.path=<folder>``: the tiny weights saved in the diffusers layout (with SD's PNDM
+    scheduler config) load as real weights and generate the same images and masks as
+    ``backbone=tiny``, without the random-weights flags."""
+    from diffseg.backbones import build_backbone
+    from diffseg.seediff import sd_scheduler
+
+    out, _ = full_run
+    folder = tmp_path / "model"
+    tiny = build_backbone("tiny")
+    for part in ("vae", "unet", "text_encoder", "tokenizer"):
+        getattr(tiny, part).save_pretrained(folder / part)
+    sd_scheduler().save_pretrained(folder / "scheduler")
+    local = tmp_path / "local"
+    summary = generate(config(local, backbone=backbone_config("sd14", path=str(folder))))
+    assert summary["complete"] == 4 and not summary["random_weights"]
+    assert not (local / "RANDOM_WEIGHTS").exists()
+    for sub in ("JPEGImages", "SegmentationClass"):
+        for path in sorted((out / sub).iterdir()):
+            assert (local / sub / path.name).read_bytes() == path.read_bytes(), path.name
+    record = json.loads((local / "records" / "dog_200000.json").read_text())
+    assert record["model"] == str(folder) and record["random_weights"] is False
