@@ -36,8 +36,7 @@ import torch
 
 from diffseg import StableDiffusionBackbone
 from diffseg.attention import AttentionStore, capture_self_attention
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from diffseg.precision import DTYPES
 
 
 def _malloc_trim() -> None:

@@ -11,6 +11,13 @@ group/spatial norm, residual, rescale, ``to_out``) and, on the side, adds the he
 probabilities to a float32 running sum per resolution. Queries are processed in chunks, so the
 largest temporary is ``(B, heads, chunk, N)`` and never a whole layer's ``(B, heads, N, N)``.
 
+The same module serves generation (SeeDiff): :class:`TrajectoryStore` and
+:class:`TrajectoryProcessor` record chosen layers over every UNet call of a denoising trajectory
+(conditional half of the guidance batch, float32 running sums), leaving each layer's output to the
+processor they replace, so a recorded generation makes the image an unrecorded one makes, bit for
+bit. Both kinds of capture are installed by :func:`installed_processors`, and
+:func:`queries_keys` / :func:`attention_probabilities` form the probabilities for both.
+
 Typical use::
 
     store = AttentionStore()
@@ -33,9 +40,14 @@ __all__ = [
     "AttentionStore",
     "CrossAttentionCaptureProcessor",
     "SelfAttentionCaptureProcessor",
+    "TrajectoryProcessor",
+    "TrajectoryStore",
+    "attention_probabilities",
     "capture_self_attention",
     "cross_attention_layers",
     "default_chunk_elements",
+    "installed_processors",
+    "queries_keys",
     "self_attention_layers",
 ]
 
@@ -286,18 +298,12 @@ class CrossAttentionCaptureProcessor:
         return self.fallback(attn, hidden_states, encoder_hidden_states, *args, **kw)
 
     def _record(self, attn, hidden_states: Tensor, context: Tensor) -> None:
-        if hidden_states.ndim == 4:  # (B, C, H, W) -> (B, HW, C)
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        batch, n_tokens, _ = hidden_states.shape
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
         if max(self.tokens) >= context.shape[1]:
             raise ValueError(
                 f"token position {max(self.tokens)} is outside the prompt's {context.shape[1]} tokens"
             )
-        heads = attn.heads
-        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
-        key = attn.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)
+        query, key = queries_keys(attn, hidden_states, context, None)  # (B, heads, N | L, d)
+        n_tokens = query.shape[2]
         scores = torch.matmul(
             query.to(self.scores_dtype) * attn.scale, key.to(self.scores_dtype).transpose(-1, -2)
         )  # (B, heads, N, L)
@@ -373,9 +379,8 @@ def capture_self_attention(
     missing = [name for name in [*layers, *cross_layers] if name not in previous]
     if missing:
         raise RuntimeError(f"attention layers without a processor entry: {missing[:3]}")
-    processors = dict(previous)
-    for name in layers:
-        processors[name] = SelfAttentionCaptureProcessor(
+    replacements = {
+        name: SelfAttentionCaptureProcessor(
             store,
             name,
             fallback=previous[name],
@@ -383,13 +388,202 @@ def capture_self_attention(
             output=output,
             scores_dtype=scores_dtype,
         )
+        for name in layers
+    }
     for name in cross_layers:
-        processors[name] = CrossAttentionCaptureProcessor(
+        replacements[name] = CrossAttentionCaptureProcessor(
             store, name, cross_tokens, previous[name], scores_dtype=scores_dtype
         )
     store.reset()
-    unet.set_attn_processor(processors)
-    try:
+    with installed_processors(unet, replacements):
         yield store
+
+
+@contextlib.contextmanager
+def installed_processors(unet: torch.nn.Module, replacements: dict[str, object]) -> Iterator[None]:
+    """Set ``replacements`` (``{processor name: processor}``) on ``unet`` for the ``with`` block;
+    every other layer keeps its processor, and all previous processors come back after it."""
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor({**previous, **replacements})
+    try:
+        yield
     finally:
-        unet.set_attn_processor(dict(previous))
+        unet.set_attn_processor(previous)
+
+
+# ---------------------------------------------------------------------- trajectories (generation)
+
+#: Bound on the float32 scores a trajectory recording holds at once (batch * heads * query chunk
+#: * keys): 64 MiB.
+TRAJECTORY_CHUNK_ELEMENTS = 2**24
+
+
+def queries_keys(attn, hidden_states: Tensor, context: Tensor | None, temb: Tensor | None):
+    """Q and K of a diffusers ``Attention`` exactly as its default processors form them
+    (spatial norm, group norm, projections, heads, q/k norms).
+
+    Returns ``(q, k)`` of shapes ``(B, heads, Nq, d)`` and ``(B, heads, Nk, d)``.
+    """
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if context is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    batch, heads = query.shape[0], attn.heads
+    head_dim = key.shape[-1] // heads
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
+def attention_probabilities(
+    query: Tensor, key: Tensor, scale: float, chunk_elements: int = TRAJECTORY_CHUNK_ELEMENTS
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``softmax(Q K^T * scale)`` in float32, by chunks of queries.
+
+    Args:
+        query: (B, heads, Nq, d), key: (B, heads, Nk, d), any float dtype.
+    Yields:
+        ``(start, stop, probs)`` with probs float32 (B, heads, stop - start, Nk).
+    """
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    q32, kt32 = query.float() * scale, key.float().transpose(-1, -2)
+    step = max(1, chunk_elements // (b * h * nk))
+    for start in range(0, nq, step):
+        stop = min(start + step, nq)
+        yield start, stop, torch.matmul(q32[:, :, start:stop], kt32).softmax(dim=-1)
+
+
+class TrajectoryStore:
+    """Float32 running sums, per layer, of head-summed attention over the UNet calls of one
+    denoising trajectory, for the conditional images only.
+
+    A self-attention layer adds its probabilities ``(B, Nq, Nk)``; a cross-attention layer adds
+    the columns of ``tokens``, as ``(B, T, Nq)``. :meth:`mean` divides by the number of calls.
+
+    Args:
+        tokens: prompt positions of the cross-attention columns kept (BOS = 0).
+        guidance: True when every UNet call sees the classifier-free-guidance batch
+            ``[unconditional, conditional]`` (diffusers' order); only the second half is
+            recorded. False: the whole batch is conditional.
+        chunk_elements: bound on the float32 scores held at once.
+    """
+
+    def __init__(
+        self,
+        tokens: tuple[int, ...] = (),
+        guidance: bool = True,
+        chunk_elements: int = TRAJECTORY_CHUNK_ELEMENTS,
+    ) -> None:
+        self.tokens = [int(p) for p in tokens]
+        self.guidance = bool(guidance)
+        self.chunk_elements = int(chunk_elements)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all sums and counts."""
+        self._sums: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+
+    def conditional(self, batch: int) -> slice:
+        """The rows of a UNet batch that belong to the conditional branch."""
+        if self.guidance:
+            if batch % 2:
+                raise RuntimeError(f"guidance batch of odd size {batch}")
+            return slice(batch // 2, batch)
+        return slice(0, batch)
+
+    def _accumulator(self, name: str, shape: tuple[int, ...], device) -> Tensor:
+        acc = self._sums.get(name)
+        if acc is None:
+            acc = self._sums[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return acc
+
+    def record(self, name: str, attn, hidden_states: Tensor, context: Tensor | None, temb):
+        """Add one call of layer ``name`` (self-attention when ``context`` is None)."""
+        rows = self.conditional(hidden_states.shape[0])
+        q, k = queries_keys(
+            attn,
+            hidden_states[rows],
+            None if context is None else context[rows],
+            None if temb is None else temb[rows],
+        )
+        b, nq = q.shape[0], q.shape[2]
+        if context is None:  # (B, Nq, Nk)
+            acc = self._accumulator(name, (b, nq, k.shape[2]), q.device)
+        else:  # the tokens' columns, (B, T, Nq)
+            if not self.tokens:
+                raise RuntimeError(f"{name}: a cross-attention layer needs token positions")
+            acc = self._accumulator(name, (b, len(self.tokens), nq), q.device)
+        for start, stop, probs in attention_probabilities(q, k, attn.scale, self.chunk_elements):
+            summed = probs.sum(dim=1)  # over heads: (B, c, Nk)
+            if context is None:
+                acc[:, start:stop] += summed
+            else:
+                acc[:, :, start:stop] += summed[..., self.tokens].transpose(1, 2)
+        self._calls[name] = self._calls.get(name, 0) + 1
+
+    @property
+    def num_calls(self) -> int:
+        """UNet calls recorded (the same for every layer; 0 before any)."""
+        counts = set(self._calls.values())
+        if len(counts) > 1:
+            raise RuntimeError(f"layers were recorded unequally often: {self._calls}")
+        return counts.pop() if counts else 0
+
+    def mean(self, name: str) -> Tensor:
+        """Layer ``name``'s sum divided by the number of calls (float32)."""
+        if name not in self._sums:
+            raise RuntimeError(
+                f"layer {name} was never called; is the capture installed on this UNet "
+                "and was a generation run?"
+            )
+        return self._sums[name] / self.num_calls
+
+    def nbytes(self) -> int:
+        """Bytes held by the running sums."""
+        return sum(t.numel() * t.element_size() for t in self._sums.values())
+
+
+class TrajectoryProcessor:
+    """A diffusers attention processor that computes the output with ``fallback`` (the processor
+    it replaces) and records the layer's probabilities into ``store`` under ``name``."""
+
+    def __init__(self, store: TrajectoryStore, name: str, fallback) -> None:
+        self.store = store
+        self.name = name
+        self.fallback = fallback
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        out = self.fallback(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+        )
+        if attention_mask is not None:
+            raise NotImplementedError(
+                f"{self.name}: attention masks are not supported (SD v1 passes none)"
+            )
+        with torch.no_grad():
+            self.store.record(self.name, attn, hidden_states, encoder_hidden_states, temb)
+        return out

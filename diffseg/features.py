@@ -8,6 +8,12 @@ requests that share a timestep, noise and prompt are served by ONE UNet pass, wh
 processors on the requested layers only, forward hooks on the requested modules) and stops the
 UNet as soon as the last of them has run (DiffCut needs only the encoder).
 
+Generation asks for attention along a whole denoising trajectory instead: a
+:class:`TrajectoryRequest` (cross-attention of given prompt tokens and self-attention of given
+layers, conditional half of the guidance batch, averaged over the UNet calls) is served by the same
+capture module (:mod:`diffseg.attention`) while diffusers' pipeline runs; it returns a
+:class:`Trajectory`.
+
 Names: the model's input is ``image_size`` pixels square; a token grid is ``grid`` tokens square
 (``image_size / 8 / 2**level``); the evaluation size of labels and predictions is ``resolution``.
 """
@@ -15,6 +21,7 @@ Names: the model's input is ``image_size`` pixels square; a token grid is ``grid
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import AttentionStore, capture_self_attention
+from .attention import (
+    TRAJECTORY_CHUNK_ELEMENTS,
+    AttentionStore,
+    TrajectoryProcessor,
+    TrajectoryStore,
+    capture_self_attention,
+    installed_processors,
+)
 
 __all__ = [
     "ALL",
@@ -30,6 +44,8 @@ __all__ = [
     "FeatureCapture",
     "FeatureRequest",
     "Features",
+    "Trajectory",
+    "TrajectoryRequest",
     "merge_requests",
 ]
 
@@ -258,3 +274,92 @@ class FeatureCapture:
             pass
         if self._pending:
             raise RuntimeError(f"the UNet pass never reached {sorted(self._pending)[:3]}")
+
+
+# ---------------------------------------------------------------------- trajectories (generation)
+
+
+@dataclass(frozen=True)
+class TrajectoryRequest:
+    """Attention recorded over every UNet call of a generation (SeeDiff's input).
+
+    Attributes:
+        cross_attention: prompt token positions whose cross-attention columns are recorded.
+        cross_layers: UNet module names of the cross-attention layers (``...attn2``), in the
+            order :meth:`Trajectory.cross_maps` stacks them.
+        self_layers: UNet module names of the self-attention layers (``...attn1``) whose whole
+            probabilities are recorded.
+        guidance: every UNet call sees ``[unconditional, conditional]``; only the conditional
+            half is recorded (False: the whole batch).
+        chunk_elements: bound on the float32 scores held at once.
+    """
+
+    cross_attention: tuple[int, ...] = ()
+    cross_layers: tuple[str, ...] = ()
+    self_layers: tuple[str, ...] = ()
+    guidance: bool = True
+    chunk_elements: int = TRAJECTORY_CHUNK_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.cross_layers and not self.cross_attention:
+            raise ValueError("cross_attention must name at least one prompt position")
+        if self.chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {self.chunk_elements}")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return (*self.cross_layers, *self.self_layers)
+
+    @contextlib.contextmanager
+    def capture(self, unet: torch.nn.Module, model_kind: str = "") -> Iterator[Trajectory]:
+        """Record the requested layers of ``unet`` for the ``with`` block (outputs untouched).
+
+        Raises ``ValueError`` naming the layers the UNet lacks (``model_kind`` says which
+        architecture the request was written for).
+        """
+        previous = unet.attn_processors
+        missing = [n for n in self.layers if f"{n}.processor" not in previous]
+        if missing:
+            need = f"; it needs a {model_kind} UNet" if model_kind else ""
+            raise ValueError(f"{type(unet).__name__} lacks the attention layers {missing}{need}")
+        store = TrajectoryStore(self.cross_attention, self.guidance, self.chunk_elements)
+        replacements = {
+            f"{n}.processor": TrajectoryProcessor(store, n, previous[f"{n}.processor"])
+            for n in self.layers
+        }
+        with installed_processors(unet, replacements):
+            yield Trajectory(self, store)
+
+
+@dataclass
+class Trajectory:
+    """What a :class:`TrajectoryRequest` recorded: step-averaged, head-summed attention."""
+
+    request: TrajectoryRequest
+    store: TrajectoryStore
+
+    @property
+    def num_calls(self) -> int:
+        """UNet calls recorded."""
+        return self.store.num_calls
+
+    def nbytes(self) -> int:
+        """Bytes held by the running sums."""
+        return self.store.nbytes()
+
+    def cross_maps(self) -> Tensor:
+        """float32 ``(B, T * L, r, r)``: for each token position (in order) the L cross layers
+        (in request order); SD v1 at 512 with one token and SeeDiff's layers: (1, 5, 16, 16)."""
+        maps = [self.store.mean(n) for n in self.request.cross_layers]  # each (B, T, N)
+        b, t, n = maps[0].shape
+        r = math.isqrt(n)
+        return torch.stack(maps, dim=2).reshape(b, t * len(maps), r, r)
+
+    def self_maps(self) -> dict[int, Tensor]:
+        """``{r: (B, r*r, r*r)}`` keyed by the grid side recorded, smallest first. Entry
+        ``[b, i, j]`` is the attention of query ``i`` to key ``j`` (rows sum to the head count)."""
+        out = {}
+        for name in self.request.self_layers:
+            mean = self.store.mean(name)
+            out[math.isqrt(mean.shape[-1])] = mean
+        return dict(sorted(out.items()))

@@ -166,3 +166,41 @@ def test_a_damaged_model_folder_is_one_weights_error(tmp_path):
         WeightsNotFoundError, match="Could not load the sdxl weights.*text_encoder_2"
     ):
         SDXLBackbone.from_pretrained(tmp_path)
+
+
+def test_trajectory_request_averages_calls_of_the_conditional_rows(sd):
+    """A trajectory request records over several UNet calls: the mean over calls of the
+    conditional half (guidance) equals the mean of the calls on that half alone."""
+    from diffseg.features import TrajectoryRequest
+
+    unet = sd.unet
+    cross = ("up_blocks.1.attentions.0.transformer_blocks.0.attn2",)
+    selfs = ("up_blocks.2.attentions.0.transformer_blocks.0.attn1",)
+    g = torch.Generator().manual_seed(3)
+    calls = [
+        (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), t)
+        for t in (800, 200)
+    ]
+    guided = TrajectoryRequest(cross_attention=(1, 4), cross_layers=cross, self_layers=selfs)
+    alone = TrajectoryRequest(
+        cross_attention=(1, 4), cross_layers=cross, self_layers=selfs, guidance=False
+    )
+    with torch.no_grad(), guided.capture(unet) as both:
+        for x, c, t in calls:
+            unet(x, t, encoder_hidden_states=c)
+    with torch.no_grad(), alone.capture(unet) as cond:
+        for x, c, t in calls:
+            unet(x[1:], t, encoder_hidden_states=c[1:])
+    assert both.num_calls == cond.num_calls == 2
+    assert both.cross_maps().shape == (1, 2, 2, 2)  # 2 tokens x 1 layer on a 2x2 grid
+    torch.testing.assert_close(both.cross_maps(), cond.cross_maps())
+    ((side, maps),) = both.self_maps().items()
+    assert side == 4 and maps.shape == (1, 16, 16)
+    torch.testing.assert_close(maps, cond.self_maps()[4])
+    heads = unet.get_submodule(selfs[0]).heads
+    torch.testing.assert_close(maps.sum(-1), torch.full((1, 16), float(heads)))
+    with pytest.raises(ValueError, match="prompt position"):
+        TrajectoryRequest(cross_layers=cross)
+    with pytest.raises(ValueError, match="lacks the attention layers"):
+        with TrajectoryRequest(self_layers=("no.such.attn1",)).capture(unet):
+            pass

@@ -1,4 +1,5 @@
-"""SeeDiff: class-token positions, the mask algorithm on structured attention, the recorders."""
+"""SeeDiff: class-token positions, the mask algorithm on structured attention, its trajectory
+request served by the shared attention capture."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from diffseg.seediff.algorithm import (
     refine_mask,
     soft_mask,
 )
-from diffseg.seediff.recording import AttentionRecorder
+from diffseg.seediff.generator import CROSS_LAYERS, SELF_LAYERS, trajectory_request
 
 # ---------------------------------------------------------------------------- tokenizers
 
@@ -208,7 +209,7 @@ def test_seediff_validates_settings():
     assert SeeDiff().settings()["threshold"] == 0.3
 
 
-# ---------------------------------------------------------------------------- recording
+# ---------------------------------------------------------------------------- trajectory capture
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,9 @@ def explicit_probs(unet, name, calls, positions=None):
     return out / len(calls)
 
 
-def test_recorder_matches_explicit_maps_and_leaves_output_unchanged(tiny_unet, one_thread):
+def test_trajectory_capture_matches_explicit_maps_and_leaves_output_unchanged(
+    tiny_unet, one_thread
+):
     unet = tiny_unet
     gen = torch.Generator().manual_seed(0)
     # 256 px -> grids 32/16/8/4: the recorded layers sit at 8 (cross, self) 16 and 32 (self)
@@ -247,9 +250,9 @@ def test_recorder_matches_explicit_maps_and_leaves_output_unchanged(tiny_unet, o
         (torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 77, 32, generator=gen), t)
         for t in (900, 400)
     ]
-    recorder = AttentionRecorder([5, 7], guidance=True, chunk_elements=4096)
+    request = trajectory_request([5, 7], guidance=True, chunk_elements=4096)
     captured: dict[str, list] = {}
-    names = [*recorder.cross_layers, *recorder.self_layers.values()]
+    names = list(request.layers)
 
     def hook(name):
         def pre(module, args, kwargs):
@@ -263,31 +266,33 @@ def test_recorder_matches_explicit_maps_and_leaves_output_unchanged(tiny_unet, o
     ]
     try:
         plain = [unet(x, t, encoder_hidden_states=c).sample for x, c, t in inputs]
-        with torch.no_grad(), recorder.installed(unet):
+        with torch.no_grad(), request.capture(unet) as recorder:
             recorded = [unet(x, t, encoder_hidden_states=c).sample for x, c, t in inputs]
     finally:
         for h in handles:
             h.remove()
     for a, b in zip(plain, recorded, strict=True):
         assert torch.equal(a, b)  # recording never changes the UNet's output
-    assert not any(isinstance(p, type(recorder)) for p in unet.attn_processors.values())
+    from diffseg.attention import TrajectoryProcessor
+
+    assert not any(isinstance(p, TrajectoryProcessor) for p in unet.attn_processors.values())
     assert recorder.num_calls == 2
     first_run = {n: calls[:2] for n, calls in captured.items()}
     cross = recorder.cross_maps()
     assert cross.shape == (1, 2 * 5, 8, 8)
-    for i, name in enumerate(recorder.cross_layers):
+    for i, name in enumerate(CROSS_LAYERS):
         want = explicit_probs(unet, name, first_run[name], positions=[5, 7])  # (2, 64)
         torch.testing.assert_close(cross[0, i].reshape(-1), want[0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(cross[0, 5 + i].reshape(-1), want[1], rtol=1e-4, atol=1e-6)
     selfs = recorder.self_maps()
     assert list(selfs) == [8, 16, 32]
-    for (_, name), side in zip(sorted(recorder.self_layers.items()), (8, 16, 32), strict=True):
+    for (_, name), side in zip(sorted(SELF_LAYERS.items()), (8, 16, 32), strict=True):
         want = explicit_probs(unet, name, first_run[name])
         torch.testing.assert_close(selfs[side][0], want, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(selfs[side][0].sum(-1), torch.full((side * side,), 2.0))
 
 
-def test_recorder_refuses_a_unet_without_the_layers():
+def test_trajectory_capture_refuses_a_unet_without_the_layers():
     from diffusers import UNet2DConditionModel
 
     small = UNet2DConditionModel(
@@ -301,5 +306,5 @@ def test_recorder_refuses_a_unet_without_the_layers():
         attention_head_dim=2,
     )
     with pytest.raises(ValueError, match="Stable Diffusion v1-shaped"):
-        with AttentionRecorder([1]).installed(small):
+        with trajectory_request([1], True).capture(small, "Stable Diffusion v1-shaped"):
             pass

@@ -9,24 +9,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
+from ..precision import DTYPES, resolve_device, resolve_dtype
 
-__all__ = ["check_config", "plain", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "check_config", "plain", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
 #: Evaluation sizes accepted (pixels per side of labels and predictions).
 RESOLUTION_RANGE = (32, 2048)
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 def plain(cfg: Any) -> Any:
@@ -34,50 +24,6 @@ def plain(cfg: Any) -> Any:
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise a torch device that must exist."""
-    name = str(name).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"device={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={name} but CUDA is not available here; use device=auto or cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ConfigError("device=mps but MPS is not available here; use device=auto or cpu")
-    elif device.type != "cpu":
-        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda[:N] or mps")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``float32`` (DiffSeg's faithful default), ``float16``, ``bfloat16``, or ``auto``: float16
-    on CUDA (DiffCut's release runs its UNet under float16 autocast) and float32 elsewhere."""
-    key = str(name).strip().lower()
-    if key == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if key not in DTYPES:
-        raise ConfigError(
-            f"dtype={name!r} is not supported; use float32, float16, bfloat16 or auto"
-        )
-    dtype = DTYPES[key]
-    if dtype == torch.float16 and device.type == "cpu":
-        log.warning("dtype=float16 on the CPU is slow and not faithful; float32 is recommended")
-    return dtype
 
 
 def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> int | None:

@@ -2,9 +2,11 @@
 
 - :class:`SeeDiff`: settings, ``soft_mask``, ``mask`` and ``generate`` (one image + mask);
 - :mod:`.algorithm`: the mask from recorded attention (Otsu seeds, expansion 16 -> 32 -> 64);
-- :mod:`.recording`: diffusers attention processors that record only what the mask needs;
+- the attention it needs is a :class:`~diffseg.features.TrajectoryRequest` served by
+  :mod:`diffseg.attention` (:func:`.generator.trajectory_request`);
 - :mod:`.tokens`: prompts and the class token's position;
-- :mod:`.writer`: the Pascal-VOC-layout output dataset; :mod:`.task`: ``python generate.py``.
+- :mod:`.writer`: the Pascal-VOC-layout output dataset; :mod:`diffseg.tasks.generate`:
+  ``python generate.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from .algorithm import (
     soft_mask,
 )
 from .classes import CLASS_LISTS, class_list
-from .generator import SeeDiff, as_pipeline, sd_scheduler
-from .recording import CROSS_LAYERS, SELF_LAYERS, AttentionRecorder, RecordingProcessor
+from .generator import CROSS_LAYERS, SELF_LAYERS, SeeDiff, as_pipeline, sd_scheduler
 from .tokens import class_token_positions, format_prompt
 from .writer import VOCWriter, voc_palette
 
@@ -29,8 +30,6 @@ __all__ = [
     "CLASS_LISTS",
     "CROSS_LAYERS",
     "SELF_LAYERS",
-    "AttentionRecorder",
-    "RecordingProcessor",
     "SeeDiff",
     "VOCWriter",
     "as_pipeline",

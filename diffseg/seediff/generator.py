@@ -1,8 +1,9 @@
 """SeeDiff: one Stable Diffusion generation -> an image and the binary mask of its class.
 
-The denoising loop is diffusers' own ``StableDiffusionPipeline``; SeeDiff only installs the
-recording processors of :mod:`diffseg.seediff.recording` for the call, then turns the recorded
-attention into a mask (:mod:`diffseg.seediff.algorithm`)::
+The denoising loop is diffusers' own ``StableDiffusionPipeline``; SeeDiff asks for the attention
+it needs as a :class:`~diffseg.features.TrajectoryRequest` (served by :mod:`diffseg.attention`,
+the capture code evaluation uses) for the call, then turns the recorded attention into a mask
+(:mod:`diffseg.seediff.algorithm`)::
 
     from diffseg.seediff import SeeDiff
     seediff = SeeDiff()                                     # the released demo's constants
@@ -12,8 +13,10 @@ attention into a mask (:mod:`diffseg.seediff.algorithm`)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +24,37 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..attention import TRAJECTORY_CHUNK_ELEMENTS as DEFAULT_CHUNK_ELEMENTS
+from ..features import TrajectoryRequest
 from .algorithm import FLAT_LAYER_WEIGHT, VARIANCE_FLOOR, refine_mask
 from .algorithm import soft_mask as _soft_mask
-from .recording import DEFAULT_CHUNK_ELEMENTS, AttentionRecorder
 from .tokens import MULTI_TOKEN_RULES, class_token_positions, format_prompt
 
-__all__ = ["SD_SCHEDULER_CONFIG", "SeeDiff", "as_pipeline", "sd_scheduler"]
+__all__ = [
+    "CROSS_LAYERS",
+    "SD_SCHEDULER_CONFIG",
+    "SELF_LAYERS",
+    "SeeDiff",
+    "as_pipeline",
+    "sd_scheduler",
+    "trajectory_request",
+]
+
+_BLOCK = "transformer_blocks.0"
+#: The class token's cross-attention layers at 16x16 (SD v1, 512 px), in SeeDiff's order.
+CROSS_LAYERS = (
+    f"up_blocks.1.attentions.0.{_BLOCK}.attn2",
+    f"up_blocks.1.attentions.1.{_BLOCK}.attn2",
+    f"up_blocks.1.attentions.2.{_BLOCK}.attn2",
+    f"down_blocks.2.attentions.0.{_BLOCK}.attn2",
+    f"down_blocks.2.attentions.1.{_BLOCK}.attn2",
+)
+#: The one self-attention layer per grid whose probabilities are the descriptor (grid at 512 px).
+SELF_LAYERS = {
+    16: f"up_blocks.1.attentions.0.{_BLOCK}.attn1",
+    32: f"up_blocks.2.attentions.0.{_BLOCK}.attn1",
+    64: f"up_blocks.3.attentions.0.{_BLOCK}.attn1",
+}
 
 #: SD v1.4's scheduler (scheduler/scheduler_config.json on the hub): PNDM, PLMS steps only.
 SD_SCHEDULER_CONFIG = {
@@ -198,18 +226,17 @@ class SeeDiff:
         positions = class_token_positions(
             pipe.tokenizer, self.prompt_template, class_name, self.multi_token
         )
-        recorder = AttentionRecorder(
-            positions,
-            guidance=pipe_uses_guidance(pipe, self.guidance_scale),
-            chunk_elements=self.chunk_elements,
+        request = trajectory_request(
+            positions, pipe_uses_guidance(pipe, self.guidance_scale), self.chunk_elements
         )
-        guided = recorder.guidance
+        guided = request.guidance
         with torch.inference_mode():
             # encoded here so a float32 text encoder can drive a float16 UNet
             cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, guided)
             dtype = pipe.unet.dtype
             cond, uncond = cond.to(dtype), None if uncond is None else uncond.to(dtype)
-        with torch.inference_mode(), recorder.installed(pipe.unet):
+        capture = request.capture(pipe.unet, "Stable Diffusion v1-shaped (SeeDiff's layers)")
+        with torch.inference_mode(), capture as recorder, _embeddings_kept(pipe):
             out = pipe(
                 prompt_embeds=cond,
                 negative_prompt_embeds=uncond,
@@ -239,6 +266,36 @@ class SeeDiff:
             "random_weights": bool(getattr(model, "is_random", False)),
         }
         return image, mask, info
+
+
+@contextlib.contextmanager
+def _embeddings_kept(pipe) -> Iterator[None]:
+    """During the pipeline call, hide a text encoder whose dtype is not the UNet's: diffusers
+    casts given prompt embeddings to the text encoder's dtype, which would feed float32
+    embeddings to a float16 UNet (the backbones keep their text encoders in float32)."""
+    encoder = pipe.text_encoder
+    if encoder is None or encoder.dtype == pipe.unet.dtype:
+        yield
+        return
+    pipe.text_encoder = None
+    try:
+        yield
+    finally:
+        pipe.text_encoder = encoder
+
+
+def trajectory_request(
+    positions: list[int], guidance: bool, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> TrajectoryRequest:
+    """SeeDiff's feature request: the class token(s)' cross-attention on :data:`CROSS_LAYERS`
+    and the self-attention descriptors of :data:`SELF_LAYERS`, conditional half, every call."""
+    return TrajectoryRequest(
+        cross_attention=tuple(positions),
+        cross_layers=CROSS_LAYERS,
+        self_layers=tuple(SELF_LAYERS.values()),
+        guidance=guidance,
+        chunk_elements=chunk_elements,
+    )
 
 
 def pipe_uses_guidance(pipe, guidance_scale: float) -> bool:

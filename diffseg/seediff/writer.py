@@ -7,7 +7,8 @@
     <root>/index.jsonl                         one JSON object a line: id, class, label, prompt,
                                                seed, mask_area, settings, ...
     <root>/classes.json                        ["background", <class 0>, <class 1>, ...]
-    <root>/overlays/<id>.jpg                   image | image with the mask tinted (a visual check)
+    <root>/overlays/<id>.jpg                   image | image with the mask tinted (a visual check;
+                                               captioned RANDOM WEIGHTS when made on them)
     <root>/records/<id>.json                   the id's index line; written last = id complete
     <root>/RANDOM_WEIGHTS                      present when a model with random weights made it
 
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from diffseg.io_utils import atomic_write_text, atomic_write_with
+from diffseg.overlay import RANDOM_WEIGHTS_CAPTION, add_caption
 
 __all__ = ["RANDOM_MARKER", "VOCWriter", "image_id", "voc_palette"]
 
@@ -116,7 +118,8 @@ class VOCWriter:
         Args:
             image: uint8 (H, W, 3) RGB.
             mask: bool (H, W) (numpy or tensor).
-            record: JSON-able fields for the index (``id``, ``class`` and ``label`` are added).
+            record: JSON-able fields for the index (``id``, ``class`` and ``label`` are added);
+                ``random_weights: True`` puts the random-weights caption on the overlay.
         Returns:
             the record written.
         """
@@ -128,7 +131,10 @@ class VOCWriter:
         jpeg = {"format": "JPEG", "quality": JPEG_QUALITY}
         atomic_write_with(self.image_path(id_), lambda f: rgb.save(f, **jpeg))
         atomic_write_with(self.label_path(id_), lambda f: label.save(f, format="PNG"))
-        overlay = Image.fromarray(self.overlay(image, mask, value))
+        picture = self.overlay(image, mask, value)
+        if record.get("random_weights"):
+            picture = add_caption(picture, RANDOM_WEIGHTS_CAPTION)
+        overlay = Image.fromarray(picture)
         atomic_write_with(self.overlay_path(id_), lambda f: overlay.save(f, **jpeg))
         full = {"id": id_, "class": class_name, "label": value, **record}
         atomic_write_text(self.record_path(id_), json.dumps(full, sort_keys=True) + "\n")

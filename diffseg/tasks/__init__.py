@@ -1,2 +1,3 @@
 """Tasks: what the entry points run. ``evaluate`` (``run.py``) scores methods on a dataset;
-``diffseg.seediff.task`` (``generate.py``) generates a dataset with SeeDiff."""
+``diffseg.tasks.generate`` (``generate.py``) generates a dataset with SeeDiff; both go through
+:mod:`diffseg.tasks.entry`."""

@@ -37,7 +37,7 @@ from ..engine.report import (
 )
 from ..engine.rundir import RunDir, now, write_json_atomic
 from ..engine.settings import build_settings
-from ..errors import ConfigError, DataError, RunError
+from ..errors import ConfigError
 from ..tracking import NullTracker
 from .build import (
     build_backbone_from_config,
@@ -45,6 +45,7 @@ from .build import (
     is_random_config,
     native_image_size,
 )
+from .entry import random_weights_banner, run_task
 from .progress import Progress
 
 __all__ = ["evaluate", "main"]
@@ -423,27 +424,7 @@ def _log_to_tracker(tracker, results: dict[str, Any], random_weights: bool) -> N
 
 
 def _loud_warning() -> None:
-    bar = "!" * 78
-    for line in (bar, "!!! " + RANDOM_WARNING, bar):
-        log.warning(line)
-
-
-def _log_error_to_files(message: str) -> None:
-    """Put ``error: message`` into the run's log file (not on the console: main prints it)."""
-    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def _remove_if_unstarted(run_dir: Path) -> None:
-    """A run that failed before its run dir was claimed leaves nothing behind (Hydra made the
-    folder and an empty log before the config was checked)."""
-    import shutil
-
-    if run_dir.is_dir() and not (run_dir / "run.json").exists():
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    random_weights_banner(RANDOM_WARNING, log)
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -478,22 +459,15 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        out = evaluate(cfg, run_dir)
-    except (RunError, DataError) as err:
-        message = f"error: {err}"
-        _log_error_to_files(message)
-        print(message, file=sys.stderr, flush=True)
-        _remove_if_unstarted(run_dir)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(
+    out = run_task(
+        lambda: evaluate(cfg, run_dir),
+        run_dir,
+        claimed=lambda: (run_dir / "run.json").exists(),
+        interrupted=lambda: (
             f"\nInterrupted. Finished images are saved in {run_dir}; to continue, run:\n  "
-            + resume_hint(run_dir),
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(130) from None
+            + resume_hint(run_dir)
+        ),
+    )
     if not out["results"]:  # a process that leaves the results to the main one
         return None
     miou = next(iter(out["results"].values())).get("miou")
