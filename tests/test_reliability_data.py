@@ -257,5 +257,5 @@ def test_count_unusual_shapes(tmp_path):
     )
     assert counts.warning("pad") is None
     (tmp_path / "ok.png").unlink()
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "square.png")
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "square.png")
     assert count_unusual_shapes(ImageFolder(tmp_path)).warning() is None
