@@ -35,7 +35,6 @@ from diffseg.data.transforms import (
 from diffseg.data.voc import PascalVOC
 
 
-
 def __getattr__(name: str) -> Any:
     # DATASETS is computed on access, so a dataset registered later (a user's own module,
     # docs/adding_a_dataset.md) is listed too.

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from PIL import Image
 
 from diffseg.data.base import ImageDataset
