@@ -3,7 +3,8 @@ COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets.
 
 Each dataset module registers a :class:`~diffseg.data.catalog.DatasetInfo` in the catalog
 (:data:`CATALOG`): its names, classes, official size, layout and prepare command. Importing
-this package registers them all.
+this package registers the built-in ones; :func:`dataset_info` and :func:`dataset_names` also
+import any other module of the package (docs/adding_a_dataset.md).
 
 Every dataset item is a dict: ``image`` float32 (3, image_size, image_size) in [-1, 1],
 ``label`` int64 (label_size, label_size) with -1 = ignore (benchmarks only), ``id`` str and
@@ -16,7 +17,14 @@ from typing import Any
 
 from diffseg.data.ade20k import ADE20K
 from diffseg.data.base import IGNORE_INDEX, ImageDataset, LabelledDataset, read_id_list
-from diffseg.data.catalog import CATALOG, DatasetInfo, dataset_info, dataset_names, register
+from diffseg.data.catalog import (
+    CATALOG,
+    DatasetInfo,
+    dataset_info,
+    dataset_names,
+    load_all,
+    register,
+)
 from diffseg.data.cityscapes import CITYSCAPES27_CLASSES, Cityscapes27
 from diffseg.data.coco_object import CocoObject
 from diffseg.data.cocostuff import CocoStuff27, load_coco_stuff27_metadata
@@ -39,7 +47,7 @@ def __getattr__(name: str) -> Any:
     # DATASETS is computed on access, so a dataset registered later (a user's own module,
     # docs/adding_a_dataset.md) is listed too.
     if name == "DATASETS":
-        return {n: info.loader for n, info in CATALOG.items()}
+        return {n: info.loader for n, info in load_all().items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 #: Label value meaning "not labelled": ignored by the metric.
 IGNORE_INDEX = -1
-# Marks stored values that a dataset's files must never hold (a lookup-table entry).
-_INVALID = -2
+#: Lookup-table entry for stored values that a dataset's files must never hold (an error).
+INVALID = -2
+_INVALID = INVALID
 # Lookup tables have 256 entries for 8-bit values plus one shared by every value outside 0..255.
 _LUT_SIZE = 257
 

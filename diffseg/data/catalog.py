@@ -17,12 +17,14 @@ registers itself here, plus its config (docs/adding_a_dataset.md).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CATALOG", "DatasetInfo", "dataset_info", "dataset_names", "register"]
+__all__ = ["CATALOG", "DatasetInfo", "dataset_info", "dataset_names", "load_all", "register"]
 
 #: Label value meaning "not labelled" (also ``diffseg.data.base.IGNORE_INDEX``).
 IGNORE = -1
@@ -114,12 +116,24 @@ def register(info: DatasetInfo) -> Callable[[type], type]:
     return wrap
 
 
+def load_all() -> dict[str, DatasetInfo]:
+    """Import every module of the ``diffseg.data`` package, so that each registers its
+    dataset: a new module there needs no import line anywhere. Returns :data:`CATALOG`."""
+    import diffseg.data as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    return CATALOG
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """The entry of ``name`` or one of its aliases.
 
     Raises:
         ValueError: an unknown name, listing the known ones.
     """
+    if _ALIASES.get(name, name) not in CATALOG:
+        load_all()
     key = _ALIASES.get(name, name)
     if key not in CATALOG:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(CATALOG)}")
@@ -129,6 +143,7 @@ def dataset_info(name: str) -> DatasetInfo:
 def dataset_names(labelled: bool | None = None, benchmark: bool = False) -> list[str]:
     """Catalog names; ``labelled`` filters on labels, ``benchmark`` keeps those with an
     official size (the benchmarks that ``eval.score`` scores)."""
+    load_all()
     return [
         n
         for n, info in CATALOG.items()
