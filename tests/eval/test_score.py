@@ -159,6 +159,6 @@ def test_ids_file_and_module_entry_point(coco, tmp_path):
     preds = _write_preds(tmp_path / "preds", labels, wide=True)
     ids_file = fakedata.write_id_list(tmp_path / "ids.txt", ids[:2])
     cmd = [sys.executable, "-m", "eval.score", *_coco_args(root, preds, "--ids-file", ids_file)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert "ACC 100.00  mIoU 100.00  (2 images" in done.stdout
