@@ -24,7 +24,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CATALOG", "DatasetInfo", "dataset_info", "dataset_names", "load_all", "register"]
+__all__ = [
+    "CATALOG",
+    "DatasetInfo",
+    "catalog_table",
+    "dataset_info",
+    "dataset_names",
+    "load_all",
+    "register",
+]
 
 #: Label value meaning "not labelled" (also ``diffseg.data.base.IGNORE_INDEX``).
 IGNORE = -1
@@ -150,3 +158,23 @@ def dataset_names(labelled: bool | None = None, benchmark: bool = False) -> list
         if (labelled is None or info.labelled == labelled)
         and (not benchmark or info.official_sizes)
     ]
+
+
+def catalog_table() -> str:
+    """The Markdown table of the catalog that datasets/README.md shows (a test keeps the two
+    equal): name, aliases, loader, official sizes, classes, background class, prepare script."""
+    rows = [
+        "| dataset | aliases | loader | official images | classes | background | prepared by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for info in load_all().values():
+        sizes = ", ".join(f"{split} {n}" for split, n in info.official_sizes.items()) or "-"
+        classes = len(info.classes()) if info.labelled and info.class_names else "-"
+        background = "-" if info.background_index is None else str(info.background_index)
+        script = info.prepare.split()[1] if info.prepare else "-"
+        aliases = ", ".join(f"`{a}`" for a in info.aliases) or "-"
+        rows.append(
+            f"| `{info.name}` | {aliases} | `{info.loader.__name__}` | {sizes} | {classes} "
+            f"| {background} | `{script}` |".replace("`-`", "-")
+        )
+    return "\n".join(rows) + "\n"

@@ -106,3 +106,9 @@ def test_default_root_comes_from_the_catalog_folder(tmp_path, monkeypatch):
     ds = build_dataset("cityscapes")
     assert ds.root == tmp_path / "cityscapes" and isinstance(ds, Cityscapes27)
     assert ds.benchmark_coverage()["images_expected"] == 500
+
+
+def test_the_datasets_readme_shows_the_catalog():
+    from diffseg.data.catalog import catalog_table
+
+    assert catalog_table() in (REPO / "datasets" / "README.md").read_text(encoding="utf-8")
