@@ -122,10 +122,11 @@ def test_a_partial_copy_is_marked_partial_everywhere(partial_run, tmp_path, caps
     assert tracker.summary["dataset/images_expected"] == 500
 
 
-def test_an_own_id_list_is_a_subset_not_a_partial_copy(tmp_path):
+def test_an_own_id_list_is_a_subset_not_a_partial_copy(tmp_path, caplog):
     root = tmp_path / "cityscapes"
     ids = fakedata.write_cityscapes(root, n=3, size=(32, 64))
     listed = Cityscapes27(root, ids_file=fakedata.write_id_list(tmp_path / "ids.txt", ids[:2]))
+    assert not caplog.records  # no warning for the user's own list
     assert listed.benchmark_coverage() == {
         "full_benchmark": False,
         "images_found": 2,
@@ -134,6 +135,8 @@ def test_an_own_id_list_is_a_subset_not_a_partial_copy(tmp_path):
     }
     assert tracking.coverage_tags(listed.benchmark_coverage()) == ["partial"]
     whole = Cityscapes27(root)
+    (warning,) = [r.getMessage() for r in caplog.records]  # said when the copy is opened
+    assert warning == whole.coverage_note() and str(root) in warning
     assert whole.benchmark_coverage(whole.ids[:1])["images_expected"] == 500
     assert "3 of the benchmark's 500 images found" in whole.coverage_note()
 

@@ -140,6 +140,9 @@ class ImageDataset(Dataset):
         self.class_names: list[str] = []
         #: True when the user chose the ids (``ids=`` / ``ids_file=``), not the split's list.
         self.own_ids = bool(own_ids)
+        note = self.coverage_note()
+        if note:  # a partial copy is said when it is opened, not only in the results
+            log.warning("%s", note)
 
     @classmethod
     def resolve_root(cls, root: str | Path | None) -> Path:
@@ -185,7 +188,7 @@ class ImageDataset(Dataset):
             return None
         title = self.info.title if self.info else self.name
         return (
-            f"{title} {self.split}: {cov['images_found']} of the benchmark's "
+            f"{title} {self.split} at {self.root}: {cov['images_found']} of the benchmark's "
             f"{cov['images_expected']} images found; results are marked NOT the full benchmark"
         )
 

@@ -113,6 +113,8 @@ class CocoObject(LabelledDataset):
         # The COCO-Stuff loader finds and checks the files; only its class map differs.
         files = CocoStuff27(root, split=split, curated=curated, ids=ids, ids_file=ids_file)
         names, lut = load_coco_object_table(mapping_file)
+        #: True when the ids are the shipped curated benchmark list.
+        self.curated = files.curated
         super().__init__(
             files.ids,
             files.image_paths,
@@ -126,8 +128,6 @@ class CocoObject(LabelledDataset):
             own_ids=files.own_ids,
             **kwargs,
         )
-        #: True when the ids are the shipped curated benchmark list.
-        self.curated = files.curated
 
     def is_benchmark_list(self) -> bool:
         """Only the curated list is the benchmark, as for COCO-Stuff-27."""

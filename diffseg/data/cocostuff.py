@@ -178,6 +178,8 @@ class CocoStuff27(LabelledDataset):
             coco_layout_help(root, folder),
         )
 
+        #: True when the ids are the shipped curated benchmark list.
+        self.curated = uses_curated_list
         meta = load_coco_stuff27_metadata(mapping_file)
         lut = make_lut(dict(enumerate(meta["fine_to_coarse"])), default=_INVALID)
         lut[int(meta.get("unlabelled_value", 255))] = IGNORE_INDEX
@@ -194,8 +196,6 @@ class CocoStuff27(LabelledDataset):
             preprocessing=preprocessing,
             own_ids=own,
         )
-        #: True when the ids are the shipped curated benchmark list.
-        self.curated = uses_curated_list
 
     def is_benchmark_list(self) -> bool:
         """Only the curated list is the benchmark (``curated=False`` scans a subset)."""
