@@ -54,15 +54,9 @@ def __getattr__(name: str) -> Any:
 def build_dataset(name: str, **kwargs: Any) -> ImageDataset:
     """Build a dataset by its catalog name or alias ("coco_stuff27", "cityscapes", "folder", ...).
 
-    ``kwargs`` go to the class (``root``, ``split``, ``image_size``, ``label_size``, ...);
-    for "folder", ``root`` is accepted as another name for ``path``.
+    ``kwargs`` go to the class (``root``, ``split``, ``image_size``, ``label_size``, ...).
     """
-    info = dataset_info(name)
-    if info.name == "folder" and "root" in kwargs:
-        if kwargs.get("path") is not None:
-            raise ValueError("pass path= or root= for the folder dataset, not both")
-        kwargs["path"] = kwargs.pop("root")
-    return info.loader(**kwargs)
+    return dataset_info(name).loader(**kwargs)
 
 
 __all__ = [

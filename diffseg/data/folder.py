@@ -82,20 +82,24 @@ class ImageFolder(ImageDataset):
             :class:`~diffseg.data.io.DataFileError`. True: its item is returned with
             ``skipped=True``, the error message in ``error``, a mid-grey ``image``,
             ``orig_size`` [0, 0]; the caller drops it from the batch and reports it.
+        root: another name for ``path`` (the benchmarks' argument); pass one of the two.
     """
 
     name = "folder"
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None = None,
         image_size: int = 512,
         label_size: int | None = None,
         crop: str = "center",
         skip_unreadable: bool = False,
         preprocessing: str = "diffseg",
+        root: str | Path | None = None,
     ) -> None:
-        path = Path(path).expanduser()
+        if (path is None) == (root is None):
+            raise ValueError("pass path= or root= for the folder dataset (one of them)")
+        path = Path(path if path is not None else root).expanduser()
         if path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path} is not a supported image ({', '.join(IMAGE_EXTENSIONS)})")

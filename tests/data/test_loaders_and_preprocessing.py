@@ -539,6 +539,9 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         ImageFolder(tmp_path / "nope")
+    for both_or_none in ({"path": tmp_path, "root": tmp_path}, {}):
+        with pytest.raises(ValueError, match="pass path= or root= for the folder dataset"):
+            ImageFolder(**both_or_none)
 
 
 def test_build_dataset(coco, city):
