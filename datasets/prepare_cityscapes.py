@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _archives import Archive, PrepareError, cli, resolve_paths, stage_and_move  # noqa: E402
+
 IMAGES_ARCHIVE = "leftImg8bit_trainvaltest.zip"
 LABELS_ARCHIVE = "gtFine_trainvaltest.zip"
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -44,15 +42,6 @@ EXPECTED: dict[str, dict] = {
     "train": {"total": 2975, "cities": {}},
     "test": {"total": 1525, "cities": {}},
 }
-
-
-class PrepareError(Exception):
-    """A problem the user can fix; printed without a traceback."""
-
-
-def default_root() -> Path:
-    env = os.environ.get("DIFFSEG_DATA", "").strip()
-    return (Path(env).expanduser() if env else HERE) / "cityscapes"
 
 
 def download_with_cityscapesscripts(dest: Path) -> None:
@@ -85,12 +74,12 @@ def download_with_cityscapesscripts(dest: Path) -> None:
         )
 
 
-def wanted_members(zf: zipfile.ZipFile, top: str, split: str, suffix: str | None) -> list[str]:
+def wanted_members(archive: Archive, top: str, split: str, suffix: str | None) -> list[str]:
     """Members ``<top>/<split>/<city>/<file>`` (ending in ``suffix`` when given)."""
     out = []
-    for name in zf.namelist():
+    for name in archive.names:
         parts = PurePosixPath(name).parts
-        if name.endswith("/") or len(parts) != 4 or parts[0] != top or parts[1] != split:
+        if len(parts) != 4 or parts[0] != top or parts[1] != split:
             continue
         if suffix is None or name.endswith(suffix):
             out.append(name)
@@ -99,9 +88,8 @@ def wanted_members(zf: zipfile.ZipFile, top: str, split: str, suffix: str | None
 
 def extract_archives(archives: Path, root: Path, split: str, all_gt: bool) -> int:
     """Unpack the split's images and labels from the two official archives into ``root``
-    through a staging folder. Returns the number of files written."""
-    from tqdm import tqdm
-
+    through a staging folder (:func:`_archives.stage_and_move`). Returns the number of files
+    written."""
     jobs = [
         (IMAGES_ARCHIVE, "leftImg8bit", IMAGE_SUFFIX),
         (LABELS_ARCHIVE, "gtFine", None if all_gt else LABEL_SUFFIX),
@@ -112,39 +100,24 @@ def extract_archives(archives: Path, root: Path, split: str, all_gt: bool) -> in
                 f"{archives / name} not found: --from-archives must hold {IMAGES_ARCHIVE} and "
                 f"{LABELS_ARCHIVE} (from {DOWNLOAD_PAGE}, login needed)"
             )
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
+    opened = []
     try:
-        staged = []
-        for name, top, suffix in jobs:
-            path = archives / name
-            try:
-                zf = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as err:
-                raise PrepareError(
-                    f"{path} is not a readable zip archive ({err}); download it again"
-                ) from err
-            with zf:
-                members = wanted_members(zf, top, split, suffix)
-                if not members:
-                    raise PrepareError(f"{path} holds no {top}/{split}/<city>/ files")
-                for member in tqdm(members, desc=f"{top}/{split}", unit="file"):
-                    tmp = staging.joinpath(*PurePosixPath(member).parts)
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with zf.open(member) as src, open(tmp, "wb") as out:
-                            shutil.copyfileobj(src, out)
-                    except (zipfile.BadZipFile, OSError, EOFError) as err:
-                        raise PrepareError(
-                            f"{path}: member {member} is damaged ({err}); download it again"
-                        ) from err
-                    staged.append((tmp, root.joinpath(*PurePosixPath(member).parts)))
-        for tmp, final in staged:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-        return len(staged)
+        members = []
+        for name, top, suffix in jobs:  # both archives are checked before anything is written
+            opened.append(Archive(archives / name))
+            found = wanted_members(opened[-1], top, split, suffix)
+            if not found:
+                raise PrepareError(f"{archives / name} holds no {top}/{split}/<city>/ files")
+            members += [(opened[-1], m) for m in found]
+
+        def writers():
+            for archive, member in members:
+                yield member, lambda tmp, a=archive, m=member: tmp.write_bytes(a.read(m))
+
+        return stage_and_move(root, writers(), total=len(members))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for archive in opened:
+            archive.close()
 
 
 def check_layout(root: Path, split: str) -> tuple[bool, list[str]]:
@@ -227,9 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.download and args.from_archives is not None:
         p.error("--download and --from-archives both give the archives: pick one")
-    args.root = (args.root or default_root()).expanduser()
-    args.download_dir = (args.download_dir or args.root / "downloads").expanduser()
-    return args
+    return resolve_paths(args, "cityscapes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,12 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except PrepareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,23 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
+#: The W&B tag of a run that is not the whole benchmark (a ``limit``, a subset, a partial copy).
+PARTIAL_TAG = "partial"
+
+
+def coverage_tags(coverage: Mapping[str, Any]) -> list[str]:
+    """Tags for a dataset's :meth:`~diffseg.data.base.ImageDataset.benchmark_coverage`:
+    ``["partial"]`` unless the run covers the full benchmark."""
+    return [] if coverage.get("full_benchmark", True) else [PARTIAL_TAG]
+
+
+def coverage_summary(dataset_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The W&B summary keys that say what a run covers (results.json's ``dataset`` part):
+    ``full_benchmark``, ``images_found`` and ``images_expected`` (None when not known)."""
+    keys = ("full_benchmark", "images_found", "images_expected")
+    return {f"dataset/{k}": dataset_summary.get(k) for k in keys}
+
+
 def build_tracker(
     logger_cfg: Mapping[str, Any] | None,
     run_dir: str | os.PathLike,

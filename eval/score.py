@@ -8,15 +8,17 @@ Usage::
     python -m eval.score --dataset voc --predictions DIR --resolution 128 [--preprocessing P]
         [--no-background-merge]
 
-Datasets: coco_stuff27, cityscapes, and DiffCut's voc, context, coco_object (background class:
-many-to-one matching first, see below) and ade20k.
+Datasets: every benchmark of the dataset catalog (``diffseg.data.catalog``): coco_stuff27,
+cityscapes, and DiffCut's voc, context, coco_object (background class: many-to-one matching
+first, see below) and ade20k; a dataset registered there is offered here too.
 
 ``DIR`` holds one single-channel PNG per image, ``<id>.png`` (8- or 16-bit; values are segment
 ids, any ids, any number of them), at the evaluation resolution (``--resolution``, 512 or 320 in
 the paper). Labels come from the dataset loaders (``diffseg.data``), preprocessed as
 docs/diffseg.md section 1, and each image is scored with the per-image Hungarian matching of
 ``eval.metrics``. Every check (missing, extra and wrongly sized files) runs before any scoring,
-and outputs are written only once everything succeeded.
+and outputs are written only once everything succeeded. As in run.py, a copy of the dataset
+with fewer images than the benchmark's official count is reported as NOT the full benchmark.
 
 A folder written by ``run.py`` also holds ``manifest.json`` (the run's backbone, method and
 ``random_weights``; never counted as a prediction). Predictions of a run with RANDOM weights
@@ -47,8 +49,6 @@ from eval.metrics import HungarianMetrics, json_safe, merge_background
 
 PROTOCOL = "per-image Hungarian matching (docs/diffseg.md section 7; eval/README.md)"
 BACKGROUND_PROTOCOL = "many-to-one background merge (DiffCut), then " + PROTOCOL
-_COCO_NAMES = ("coco_stuff27", "cocostuff27", "coco_stuff", "coco_object")
-DATASET_CHOICES = ["coco_stuff27", "cityscapes", "voc", "context", "coco_object", "ade20k"]
 # Single-channel Pillow modes whose values are the stored integers.
 _ID_MODES = ("L", "P", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
 _SHOW = 5  # ids shown in error messages
@@ -167,16 +167,6 @@ def check_sizes(paths: Sequence[Path], resolution: int) -> None:
             )
 
 
-def _unregistered_loaders() -> dict[str, Any]:
-    """DiffCut's benchmarks by name, for use before ``diffseg.data`` registers them."""
-    from diffseg.data.ade20k import ADE20K
-    from diffseg.data.coco_object import CocoObject
-    from diffseg.data.context import PascalContext
-    from diffseg.data.voc import PascalVOC
-
-    return {"voc": PascalVOC, "context": PascalContext, "coco_object": CocoObject, "ade20k": ADE20K}
-
-
 def build_labels(
     dataset: str,
     root: str | Path | None = None,
@@ -190,27 +180,40 @@ def build_labels(
 
     ``options`` go to the loader when not None (``preprocessing``, ``other_as_class``, ...).
     """
-    from diffseg.data import DATASETS, build_dataset, read_id_list
-
+    info = _benchmark(dataset)
     kwargs: dict[str, Any] = {"root": root, "split": split, "label_size": resolution}
     kwargs.update({k: v for k, v in options.items() if v is not None})
-    if dataset in _COCO_NAMES:
-        kwargs["curated"] = True if curated is None else curated
-        if ids_file is not None:
-            kwargs["ids_file"] = ids_file
-    elif dataset in ("cityscapes", "cityscapes27", "voc", "context", "ade20k"):
-        if curated is not None:
-            raise ValueError("--curated/--no-curated applies to coco_object and coco_stuff27 only.")
-        if ids_file is not None:
-            kwargs["ids"] = read_id_list(ids_file)
-    else:
-        raise ValueError(
-            f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_CHOICES)}."
-        )
-    extra = _unregistered_loaders()
-    if dataset in extra and dataset not in DATASETS:
-        return extra[dataset](**kwargs)
-    return build_dataset(dataset, **kwargs)
+    if curated is not None:
+        kwargs["curated"] = curated
+    if ids_file is not None:
+        kwargs["ids_file"] = ids_file
+    for option in ("curated", "other_as_class", "void_as_background"):
+        if option in kwargs and option not in info.options:
+            takers = [n for n in _choices() if option in _benchmark(n).options]
+            flag = "--curated/--no-curated" if option == "curated" else _flag(option)
+            raise ValueError(f"{flag} applies to {' and '.join(takers)} only.")
+    return info.loader(**kwargs)
+
+
+def _choices() -> list[str]:
+    """The benchmarks of the catalog: labelled datasets with an official size."""
+    from diffseg.data import dataset_names
+
+    return dataset_names(labelled=True, benchmark=True)
+
+
+def _benchmark(name: str):
+    """The catalog entry of a benchmark, or a ValueError naming the choices."""
+    from diffseg.data import dataset_info
+
+    info = dataset_info(name)
+    if info.name not in _choices():
+        raise ValueError(f"{name!r} is not a benchmark; choose one of {', '.join(_choices())}.")
+    return info
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 def score_predictions(
@@ -273,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m eval.score",
         description="Per-image Hungarian ACC / mIoU of saved segment PNGs (<id>.png).",
     )
-    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    p.add_argument("--dataset", required=True, choices=_choices())
     p.add_argument("--predictions", required=True, type=Path, help="folder of <id>.png files")
     p.add_argument("--root", type=Path, default=None, help="dataset folder (default: data root)")
     p.add_argument(
@@ -317,14 +320,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _coverage_note(coverage: dict[str, Any]) -> str:
+    """ " (NOT the full benchmark ...)" as run.py's summary says it, or ""."""
+    if coverage["full_benchmark"]:
+        return ""
+    if coverage["incomplete"]:
+        found, expected = coverage["images_found"], coverage["images_expected"]
+        return f" (NOT the full benchmark: {found} of {expected} found)"
+    return " (NOT the full benchmark)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
     try:
         if args.resolution <= 0 or args.batch_size <= 0:
             raise ValueError("--resolution and --batch-size must be positive.")
-        if args.other_as_class and args.dataset != "ade20k":
-            raise ValueError("--other-as-class applies to ade20k only.")
         labels = build_labels(
             args.dataset,
             args.root,
@@ -356,10 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if random_source is not None:
         warning = RANDOM_WEIGHTS_WARNING.format(source=random_source)
         print(f"eval.score: warning: {warning}", file=sys.stderr)
+    coverage = labels.benchmark_coverage()
     summary = {
         "dataset": args.dataset,
         "split": args.split,
         "curated": getattr(labels, "curated", None),
+        **coverage,
         "resolution": args.resolution,
         "predictions": str(args.predictions),
         "protocol": BACKGROUND_PROTOCOL if merged else PROTOCOL,
@@ -373,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{args.dataset} @ {args.resolution}: ACC {result['acc']:.2f}  mIoU {result['miou']:.2f}"
         f"  ({result['num_images']} images, {result['classes_counted']} of "
-        f"{result['num_classes']} classes counted)"
+        f"{result['num_classes']} classes counted)" + _coverage_note(coverage)
     )
     if args.output is not None:
         _write_atomic(args.output, json.dumps(json_safe(summary), indent=2) + "\n")

@@ -6,8 +6,9 @@ Every ``results.json`` under the given folders (recursively; sweeps have one per
 row. A run whose dataset, method, evaluation resolution and settings are the paper's gets the
 paper's ACC / mIoU (``experiments/paper_numbers.json``) beside its own; the difference is printed
 only for a complete run on the full benchmark. A run on fewer images (``limit=``,
-``dataset.curated=false``, ``dataset.ids_file=``, or interrupted: results.json's
-``dataset.full_benchmark`` and ``complete``) is marked and gets no difference: its numbers are
+``dataset.curated=false``, ``dataset.ids_file=``, a copy of the dataset with fewer images than
+the benchmark's official count, or interrupted: results.json's ``dataset.full_benchmark``,
+``dataset.incomplete`` and ``complete``) is marked and gets no difference: its numbers are
 not comparable. Runs on random weights (``backbone=tiny`` and the like) are never shown as
 results: they go to a separate, flagged Markdown table and are left out of the LaTeX one. Prints
 Markdown; with ``--out DIR`` also writes ``DIR/tables.md`` and ``DIR/tables.tex``.
@@ -129,7 +130,8 @@ def _num(x: Any) -> float | None:
 
 def coverage(result: Mapping[str, Any]) -> dict[str, Any]:
     """Which images a result covers: ``images`` (with a metric), ``expected`` (the run's images
-    after its limit), ``partial`` (the run did not finish them), ``subset`` (why it is not the
+    after its limit, or the benchmark's official count for a partial copy of the dataset),
+    ``partial`` (the run did not finish them, or the copy lacks images), ``subset`` (why it is not the
     full benchmark, or None when it is). Results that do not say (an older layout) count as a
     subset: only a run that says it is the whole benchmark is compared with the paper."""
     ds = result.get("dataset") or {}
@@ -137,6 +139,8 @@ def coverage(result: Mapping[str, Any]) -> dict[str, Any]:
     expected = ds.get("num_images_run", result.get("images_expected"))
     complete = result.get("complete")
     partial = (complete is False) or (expected is not None and images != expected)
+    if ds.get("incomplete"):  # a partial copy of the benchmark: found fewer than the official
+        partial, expected = True, ds.get("images_expected")
     subset = None
     if not ds.get("full_benchmark"):
         if result.get("limit") is not None:
@@ -146,6 +150,8 @@ def coverage(result: Mapping[str, Any]) -> dict[str, Any]:
             subset = "ids_file"
         elif ds.get("curated") is False:
             subset = "curated=false"
+        elif ds.get("incomplete"):
+            subset = None  # marked partial, with the official count
         elif "full_benchmark" in ds:
             subset = "subset"
         else:

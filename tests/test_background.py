@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffseg.data.ade20k import ADE20K
 from diffseg.data.voc import PascalVOC
-from diffseg.testing import fakedata_extra as fx
+from diffseg.testing import fakedata_diffcut as fx
 from eval.metrics import HungarianMetrics, merge_background
 from eval.score import main
 

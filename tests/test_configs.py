@@ -28,7 +28,7 @@ from diffseg.tasks.build import (
     is_random_config,
     native_image_size,
 )
-from diffseg.testing import fakedata, fakedata_extra, synthetic_attention
+from diffseg.testing import fakedata, fakedata_diffcut, synthetic_attention
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -209,22 +209,22 @@ def _folder(tmp: Path) -> list[str]:
 
 
 def _voc(tmp: Path) -> list[str]:
-    fakedata_extra.write_voc(tmp / "VOCdevkit")
+    fakedata_diffcut.write_voc(tmp / "VOCdevkit")
     return [f"dataset.root={tmp / 'VOCdevkit'}"]
 
 
 def _context(tmp: Path) -> list[str]:
-    fakedata_extra.write_context(tmp / "VOCdevkit")
+    fakedata_diffcut.write_context(tmp / "VOCdevkit")
     return [f"dataset.root={tmp}"]
 
 
 def _ade20k(tmp: Path) -> list[str]:
-    fakedata_extra.write_ade20k(tmp / "ADEChallengeData2016")
+    fakedata_diffcut.write_ade20k(tmp / "ADEChallengeData2016")
     return [f"dataset.root={tmp}"]
 
 
 def _coco_object(tmp: Path) -> list[str]:
-    fakedata_extra.write_coco_object(tmp)
+    fakedata_diffcut.write_coco_object(tmp)
     return [f"dataset.root={tmp}", "dataset.curated=false"]
 
 

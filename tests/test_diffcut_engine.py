@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from diffseg import DiffCut, build_backbone
 from diffseg.methods.diffcut import token_grid
 from diffseg.tasks.evaluate import evaluate
-from diffseg.testing import fakedata, fakedata_extra
+from diffseg.testing import fakedata, fakedata_diffcut
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def _cfg(*overrides: str):
 
 
 def test_diffcut_on_voc_with_background_merge_and_a_tau_sweep_from_one_pass(sdxl, tmp_path):
-    ids = fakedata_extra.write_voc(tmp_path / "VOCdevkit")
+    ids = fakedata_diffcut.write_voc(tmp_path / "VOCdevkit")
     cfg = _cfg(
         "method=diffcut",
         "backbone=tiny_sdxl",

@@ -524,8 +524,9 @@ def test_folder_run_writes_outputs_at_photo_size_and_skips_unreadable(
     rows = load_rows(run_dir / "per_image.csv", CSV_COLUMNS_UNLABELLED)
     assert [r["id"] for r in rows] == ["pano"] and rows[0]["num_segments"] >= 1
     assert rows[0]["random_weights"] == 1
-    shapes = [r.getMessage() for r in caplog.records if "more than 2:1" in r.getMessage()]
-    assert len(shapes) == 1 and shapes[0].startswith("Of 2 images") and "pano" in shapes[0]
+    shapes = [r.getMessage() for r in caplog.records if "to the centre crop" in r.getMessage()]
+    assert len(shapes) == 1 and shapes[0].startswith("1 of 2 images lose up to 80% of their area")
+    assert "(most: pano); dataset.crop=pad keeps them whole" in shapes[0]  # once per run
 
 
 def test_bfloat16_run_completes_and_is_flagged_random(coco_root, tmp_path):

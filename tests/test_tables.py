@@ -1,13 +1,16 @@
 """experiments/make_tables.py on results.json files written by real (tiny-model) engine runs.
 
 Two runs of the engine on a fixture Cityscapes (2 images, DiffSeg at 320: the paper's setting):
-the whole dataset, which the engine records as the full benchmark, and ``limit=1``. No trained
-weights exist offline, so "trained" rows are the same files with only the weights flag turned
-off (what a run on SD v1.4 writes differs in nothing else that the tables read).
+the whole dataset, which the engine records as the full benchmark (the catalog's official size
+is set to the fixture's 2 images for it), and ``limit=1``. A third run on a 3-frame copy against
+the real official size (500) is a partial copy, marked as such everywhere. No trained weights
+exist offline, so "trained" rows are the same files with only the weights flag turned off (what
+a run on SD v1.4 writes differs in nothing else that the tables read).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -19,6 +22,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from diffseg import tracking
+from diffseg.data import Cityscapes27
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata
 
@@ -54,9 +59,86 @@ def engine_runs(tmp_path_factory, one_thread):
     common += ["resolution=320", "num_workers=0", "num_overlays=0"]
     backbone = build_backbone("tiny", seed=0)
     runs = base / "random"
-    evaluate(compose_cfg(*common), runs / "full", backbone=backbone)
-    evaluate(compose_cfg(*common, "limit=1"), runs / "limit1", backbone=backbone)
+    info = dataclasses.replace(Cityscapes27.info, official_sizes={"val": 2})
+    with pytest.MonkeyPatch.context() as mp:  # the fixture is the whole benchmark here
+        mp.setattr(Cityscapes27, "info", info)
+        evaluate(compose_cfg(*common), runs / "full", backbone=backbone)
+        evaluate(compose_cfg(*common, "limit=1"), runs / "limit1", backbone=backbone)
     return runs, runs / "full", runs / "limit1"
+
+
+class RecordingTracker(tracking.NullTracker):
+    """Stands in for W&B: keeps the tags it was built with and the summary it was given."""
+
+    def __init__(self, tags):
+        self.tags, self.summary = list(tags), {}
+
+    def log_summary(self, summary):
+        self.summary.update(summary)
+
+
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory, one_thread):
+    """A run on a Cityscapes copy with 3 of the 500 val frames: ``(run dir, tracker)``."""
+    from diffseg.backbones import build_backbone
+
+    base = tmp_path_factory.mktemp("partial")
+    root = base / "cityscapes"
+    fakedata.write_cityscapes(root, n=3, size=(32, 64), seed=3)
+    trackers = []
+
+    def build_tracker(logger_cfg, run_dir, config, tags=(), run_id=None, name=None):
+        trackers.append(RecordingTracker(tags))
+        return trackers[-1]
+
+    overrides = ["backbone=tiny", "logger=none", "dataset=cityscapes", f"dataset.root={root}"]
+    overrides += ["resolution=320", "num_workers=0", "num_overlays=0"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracking, "build_tracker", build_tracker)
+        evaluate(compose_cfg(*overrides), base / "run", backbone=build_backbone("tiny", seed=0))
+    return base / "run", trackers[0]
+
+
+def test_a_partial_copy_is_marked_partial_everywhere(partial_run, tmp_path, capsys):
+    run_dir, tracker = partial_run
+    res = read(run_dir)
+    ds = res["dataset"]
+    # results.json: not the full benchmark, with the count found vs the official one
+    assert ds["full_benchmark"] is False and ds["incomplete"] is True
+    assert (ds["images_found"], ds["images_expected"]) == (3, 500)
+    assert res["complete"] is True and res["limit"] is None  # every image found was scored
+    # the printed summary
+    assert "NOT the full benchmark: 3 of 500 found" in (run_dir / "summary.txt").read_text()
+    # the tables: partial, with the official count, never compared with the paper
+    cov = make_tables.coverage(res)
+    assert cov == {"images": 3, "expected": 500, "partial": True, "subset": None}
+    trained = as_trained(run_dir, tmp_path / "trained" / "run")
+    assert make_tables.main([str(trained.parent)]) == 0
+    row = _row(capsys.readouterr().out.split("## The paper's numbers")[0], "trained/run")
+    assert "| 3/500 (partial) |" in row and f"| {res['acc']:.1f} | 76.0 | – |" in row
+    # W&B: a tag, and the coverage in the summary
+    assert "partial" in tracker.tags
+    assert tracker.summary["dataset/full_benchmark"] is False
+    assert tracker.summary["dataset/images_expected"] == 500
+
+
+def test_an_own_id_list_is_a_subset_not_a_partial_copy(tmp_path, caplog):
+    root = tmp_path / "cityscapes"
+    ids = fakedata.write_cityscapes(root, n=3, size=(32, 64))
+    listed = Cityscapes27(root, ids_file=fakedata.write_id_list(tmp_path / "ids.txt", ids[:2]))
+    assert not caplog.records  # no warning for the user's own list
+    assert listed.benchmark_coverage() == {
+        "full_benchmark": False,
+        "images_found": 2,
+        "images_expected": None,
+        "incomplete": False,
+    }
+    assert tracking.coverage_tags(listed.benchmark_coverage()) == ["partial"]
+    whole = Cityscapes27(root)
+    (warning,) = [r.getMessage() for r in caplog.records]  # said when the copy is opened
+    assert warning == whole.coverage_note() and str(root) in warning
+    assert whole.benchmark_coverage(whole.ids[:1])["images_expected"] == 500
+    assert "3 of the benchmark's 500 images found" in whole.coverage_note()
 
 
 def read(run_dir: Path) -> dict:

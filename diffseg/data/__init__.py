@@ -1,6 +1,11 @@
 """Datasets: the benchmarks (COCO-Stuff-27, Cityscapes-27, Pascal VOC, Pascal Context,
 COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets.
 
+Each dataset module registers a :class:`~diffseg.data.catalog.DatasetInfo` in the catalog
+(:data:`CATALOG`): its names, classes, official size, layout and prepare command. Importing
+this package registers the built-in ones; :func:`dataset_info` and :func:`dataset_names` also
+import any other module of the package (docs/adding_a_dataset.md).
+
 Every dataset item is a dict: ``image`` float32 (3, image_size, image_size) in [-1, 1],
 ``label`` int64 (label_size, label_size) with -1 = ignore (benchmarks only), ``id`` str and
 ``orig_size`` int64 tensor [H, W]. The default ``DataLoader`` collate batches them.
@@ -11,13 +16,21 @@ from __future__ import annotations
 from typing import Any
 
 from diffseg.data.ade20k import ADE20K
-from diffseg.data.base import IGNORE_INDEX, ImageDataset, LabelledDataset
+from diffseg.data.base import IGNORE_INDEX, ImageDataset, LabelledDataset, read_id_list
+from diffseg.data.catalog import (
+    CATALOG,
+    DatasetInfo,
+    dataset_info,
+    dataset_names,
+    load_all,
+    register,
+)
 from diffseg.data.cityscapes import CITYSCAPES27_CLASSES, Cityscapes27
 from diffseg.data.coco_object import CocoObject
-from diffseg.data.cocostuff import CocoStuff27, load_coco_stuff27_metadata, read_id_list
+from diffseg.data.cocostuff import CocoStuff27, load_coco_stuff27_metadata
 from diffseg.data.context import PascalContext
 from diffseg.data.folder import ImageFolder
-from diffseg.data.io import read_image_rgb, read_label
+from diffseg.data.io import read_image_rgb, read_label, read_photo
 from diffseg.data.paths import DATA_ENV_VAR, default_data_root, metadata_dir
 from diffseg.data.synthetic import SyntheticVOC
 from diffseg.data.transforms import (
@@ -29,46 +42,28 @@ from diffseg.data.transforms import (
 )
 from diffseg.data.voc import PascalVOC
 
-#: Dataset names accepted by :func:`build_dataset` (and the runner's ``dataset=`` configs).
-DATASETS: dict[str, type[ImageDataset]] = {
-    "coco_stuff27": CocoStuff27,
-    "cityscapes": Cityscapes27,
-    "folder": ImageFolder,
-    "voc": PascalVOC,
-    "context": PascalContext,
-    "coco_object": CocoObject,
-    "ade20k": ADE20K,
-    "synthetic_voc": SyntheticVOC,
-}
-_ALIASES = {
-    "cocostuff27": "coco_stuff27",
-    "coco_stuff": "coco_stuff27",
-    "cityscapes27": "cityscapes",
-    "pascal_voc": "voc",
-    "pascal_context": "context",
-    "ade": "ade20k",
-}
+
+def __getattr__(name: str) -> Any:
+    # DATASETS is computed on access, so a dataset registered later (a user's own module,
+    # docs/adding_a_dataset.md) is listed too.
+    if name == "DATASETS":
+        return {n: info.loader for n, info in load_all().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_dataset(name: str, **kwargs: Any) -> ImageDataset:
-    """Build a dataset by name: "coco_stuff27", "cityscapes" or "folder".
+    """Build a dataset by its catalog name or alias ("coco_stuff27", "cityscapes", "folder", ...).
 
-    ``kwargs`` go to the class (``root``, ``split``, ``image_size``, ``label_size``, ...);
-    for "folder", ``root`` is accepted as another name for ``path``.
+    ``kwargs`` go to the class (``root``, ``split``, ``image_size``, ``label_size``, ...).
     """
-    key = _ALIASES.get(name, name)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if key == "folder" and "root" in kwargs:
-        if kwargs.get("path") is not None:
-            raise ValueError("pass path= or root= for the folder dataset, not both")
-        kwargs["path"] = kwargs.pop("root")
-    return DATASETS[key](**kwargs)
+    return dataset_info(name).loader(**kwargs)
 
 
 __all__ = [
     "ADE20K",
+    "CATALOG",
     "CITYSCAPES27_CLASSES",
+    "DatasetInfo",
     "CocoObject",
     "PascalContext",
     "PascalVOC",
@@ -82,6 +77,8 @@ __all__ = [
     "ImageFolder",
     "LabelledDataset",
     "build_dataset",
+    "dataset_info",
+    "dataset_names",
     "center_crop_square",
     "default_data_root",
     "from_model_range",
@@ -90,6 +87,8 @@ __all__ = [
     "read_id_list",
     "read_image_rgb",
     "read_label",
+    "read_photo",
+    "register",
     "resize_image",
     "resize_label",
     "to_model_range",

@@ -7,10 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffseg.data.base import _INVALID, IGNORE_INDEX, LabelledDataset, make_lut
+from diffseg.data.base import (
+    _INVALID,
+    IGNORE_INDEX,
+    LabelledDataset,
+    choose_ids,
+    make_lut,
+    require_files,
+)
+from diffseg.data.catalog import DatasetInfo, register
 from diffseg.data.class_tables import layout_listing, load_class_table
-from diffseg.data.paths import default_data_root
-from diffseg.data.voc import check_files, split_ids
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,31 @@ def ade_layout_help(root: Path, folder: str = "validation") -> str:
     )
 
 
+def _ade_names() -> list[str]:
+    return load_class_table(ADE_CLASSES_FILE, num_classes=150)[0]["class_names"]
+
+
+def _ade_layout(root: Path, split: str = "val") -> str:
+    inner = root / "ADEChallengeData2016"
+    root = inner if not (root / "images").is_dir() and inner.is_dir() else root
+    return ade_layout_help(root, _SPLITS.get(split, split))
+
+
+@register(
+    DatasetInfo(
+        name="ade20k",
+        title="ADE20K",
+        aliases=("ade",),
+        class_names=_ade_names,
+        # the split is recorded as the folder name: validation (the benchmark) or training
+        official_sizes={"validation": 2000, "training": 20210},
+        folder="ADEChallengeData2016",
+        layout=_ade_layout,
+        prepare=ADE_PREPARE_COMMAND,
+        options=("other_as_class",),
+        protocol={"split": "val"},
+    )
+)
 class ADE20K(LabelledDataset):
     """ADE20K scene parsing, 150 classes, no background class.
 
@@ -75,11 +106,7 @@ class ADE20K(LabelledDataset):
         other_as_class: bool = False,
         **kwargs: Any,
     ) -> None:
-        given = (
-            Path(root).expanduser()
-            if root is not None
-            else default_data_root() / "ADEChallengeData2016"
-        )
+        given = self.resolve_root(root)
         if split not in _SPLITS:
             raise ValueError(f"unknown ADE20K split {split!r}; use 'val' or 'train'")
         folder = _SPLITS[split]
@@ -94,12 +121,15 @@ class ADE20K(LabelledDataset):
                 f"ADE20K not found at {root_dir}: missing {', '.join(missing)} "
                 f"({layout_listing(root_dir)}).\n" + layout_help
             )
-        if ids is None and ids_file is None:
-            ids = self._scan(image_dir)
-        ids = split_ids(Path(), ids, ids_file)
+        ids, own = choose_ids(ids, ids_file, lambda: self._scan(image_dir))
         image_paths = [image_dir / f"{i}.jpg" for i in ids]
         label_paths = [label_dir / f"{i}.png" for i in ids]
-        check_files([*image_paths, *label_paths], f"ADE20K {folder}", layout_help)
+        require_files(
+            [*image_paths, *label_paths],
+            f"image and label files of ADE20K {folder}",
+            "complete the dataset.",
+            layout_help,
+        )
 
         meta, lut = load_class_table(ADE_CLASSES_FILE, num_classes=150)
         names = meta["class_names"]
@@ -117,6 +147,7 @@ class ADE20K(LabelledDataset):
             label_size=label_size,
             root=root_dir,
             split=folder,
+            own_ids=own,
             **kwargs,
         )
         self.other_as_class = bool(other_as_class)

@@ -1,22 +1,29 @@
-"""Shared machinery of the dataset classes: decoding, preprocessing and label mapping."""
+"""Shared machinery of the dataset classes: finding the files (root, ids, missing files),
+decoding, preprocessing, label mapping, and how much of the benchmark a run covers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffseg.data.catalog import DatasetInfo
 from diffseg.data.io import DataFileError, read_image_rgb, read_label
+from diffseg.data.paths import default_data_root
 from diffseg.data.transforms import check_preprocessing, preprocess_image, preprocess_label
+
+log = logging.getLogger(__name__)
 
 #: Label value meaning "not labelled": ignored by the metric.
 IGNORE_INDEX = -1
-# Marks stored values that a dataset's files must never hold (a lookup-table entry).
-_INVALID = -2
+#: Lookup-table entry for stored values that a dataset's files must never hold (an error).
+INVALID = -2
+_INVALID = INVALID
 # Lookup tables have 256 entries for 8-bit values plus one shared by every value outside 0..255.
 _LUT_SIZE = 257
 
@@ -26,6 +33,58 @@ def check_size(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids, one per line (blank lines and surrounding spaces ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image id list not found: {path}")
+    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise ValueError(f"image id list {path} is empty")
+    return ids
+
+
+def choose_ids(
+    ids: Sequence[str] | None,
+    ids_file: str | Path | None,
+    default: Callable[[], Sequence[str]],
+) -> tuple[list[str], bool]:
+    """The ids a dataset uses: ``ids``, those of ``ids_file``, or ``default()`` (the split's
+    own list, called only when needed).
+
+    Returns:
+        (the ids as strings, whether the user chose them: a list of their own is never
+        taken for the benchmark, and never reported as an incomplete one either).
+
+    Raises:
+        ValueError: both ``ids`` and ``ids_file`` given, or no id at all.
+    """
+    if ids is not None and ids_file is not None:
+        raise ValueError("pass ids= or ids_file=, not both")
+    own = ids is not None or ids_file is not None
+    chosen = read_id_list(ids_file) if ids_file is not None else ids if own else default()
+    out = [str(i) for i in chosen]
+    if not out:
+        raise ValueError("no image ids given")
+    return out, own
+
+
+def require_files(paths: Sequence[Path], what: str, fix: str, layout_help: str = "") -> None:
+    """Every file must exist: nothing is skipped silently.
+
+    Raises:
+        FileNotFoundError: "<n> of the <len(paths)> <what> are missing, first: <path>. Nothing is
+            skipped: <fix>" and the layout help on the next line.
+    """
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} {what} are missing, first: {missing[0]}. Nothing "
+            f"is skipped: {fix}" + (f"\n{layout_help}" if layout_help else "")
+        )
 
 
 def make_lut(mapping: dict[int, int], default: int) -> np.ndarray:
@@ -57,6 +116,8 @@ class ImageDataset(Dataset):
 
     name = "images"
     has_labels = False
+    #: The catalog entry (set by :func:`diffseg.data.catalog.register`).
+    info: ClassVar[DatasetInfo | None] = None
 
     def __init__(
         self,
@@ -66,6 +127,7 @@ class ImageDataset(Dataset):
         root: Path | None = None,
         split: str | None = None,
         preprocessing: str = "diffseg",
+        own_ids: bool = False,
     ) -> None:
         if len(ids) != len(image_paths):
             raise ValueError(f"{len(ids)} ids for {len(image_paths)} images")
@@ -76,6 +138,59 @@ class ImageDataset(Dataset):
         self.split = split
         self.preprocessing = check_preprocessing(preprocessing)
         self.class_names: list[str] = []
+        #: True when the user chose the ids (``ids=`` / ``ids_file=``), not the split's list.
+        self.own_ids = bool(own_ids)
+        note = self.coverage_note()
+        if note:  # a partial copy is said when it is opened, not only in the results
+            log.warning("%s", note)
+
+    @classmethod
+    def resolve_root(cls, root: str | Path | None) -> Path:
+        """``root`` expanded, or ``<data root>/<catalog folder>`` when None."""
+        if root is not None:
+            return Path(root).expanduser()
+        folder = cls.info.folder if cls.info is not None else None
+        if folder is None:
+            raise ValueError(f"{cls.__name__} needs a root folder")
+        return default_data_root() / folder
+
+    def is_benchmark_list(self) -> bool:
+        """Whether the ids are the benchmark's own list (not the user's, not a scan that a
+        subclass marks as a subset, such as COCO-Stuff's ``curated=False``)."""
+        return not self.own_ids
+
+    def benchmark_coverage(self, ids: Sequence[str] | None = None) -> dict[str, Any]:
+        """How much of the benchmark a run on ``ids`` (default: every image) covers.
+
+        Returns:
+            ``full_benchmark``: the run covers every image of the benchmark's split (also True
+            for a dataset with no official size, such as a folder, when every image runs);
+            ``images_found``: the images this copy lists; ``images_expected``: the official
+            count, None for the user's own id list or a split with no official size;
+            ``incomplete``: fewer images found than expected (a partial copy).
+        """
+        run = len(self) if ids is None else len(ids)
+        benchmark = self.is_benchmark_list()
+        expected = self.info.official_size(self.split) if self.info and benchmark else None
+        found = len(self)
+        full = benchmark and run == found and (expected is None or found == expected)
+        return {
+            "full_benchmark": bool(full),
+            "images_found": found,
+            "images_expected": expected,
+            "incomplete": expected is not None and found < expected,
+        }
+
+    def coverage_note(self, ids: Sequence[str] | None = None) -> str | None:
+        """One sentence for the log when the copy is short of the benchmark, else None."""
+        cov = self.benchmark_coverage(ids)
+        if not cov["incomplete"]:
+            return None
+        title = self.info.title if self.info else self.name
+        return (
+            f"{title} {self.split} at {self.root}: {cov['images_found']} of the benchmark's "
+            f"{cov['images_expected']} images found; results are marked NOT the full benchmark"
+        )
 
     @property
     def num_classes(self) -> int:
@@ -151,10 +266,11 @@ class LabelledDataset(ImageDataset):
         root: Path | None = None,
         split: str | None = None,
         preprocessing: str = "diffseg",
+        own_ids: bool = False,
     ) -> None:
         super().__init__(
             ids, image_paths, image_size=image_size, root=root, split=split,
-            preprocessing=preprocessing,
+            preprocessing=preprocessing, own_ids=own_ids,
         )  # fmt: skip
         if len(label_paths) != len(self.ids):
             raise ValueError(f"{len(label_paths)} label files for {len(self.ids)} images")

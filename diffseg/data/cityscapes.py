@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffseg.data.base import _INVALID, IGNORE_INDEX, LabelledDataset, make_lut
-from diffseg.data.cocostuff import read_id_list
-from diffseg.data.paths import default_data_root
+from diffseg.data.base import (
+    _INVALID,
+    IGNORE_INDEX,
+    LabelledDataset,
+    choose_ids,
+    make_lut,
+    require_files,
+)
+from diffseg.data.catalog import DatasetInfo, register
 
 #: The 27 classes, labelIds 7..33 in order.
 CITYSCAPES27_CLASSES = [
@@ -60,6 +66,19 @@ def cityscapes_layout_help(root: Path, split: str = "val") -> str:
     )
 
 
+@register(
+    DatasetInfo(
+        name="cityscapes",
+        title="Cityscapes-27",
+        aliases=("cityscapes27",),
+        class_names=tuple(CITYSCAPES27_CLASSES),
+        official_sizes={"val": 500, "train": 2975, "test": 1525},
+        folder="cityscapes",
+        layout=cityscapes_layout_help,
+        prepare=PREPARE_COMMAND + " --from-archives <folder with the zips>",
+        protocol={"split": "val"},
+    )
+)
 class Cityscapes27(LabelledDataset):
     """Cityscapes-27 (docs/diffseg.md section 6): every ``*_leftImg8bit.png`` of the split with its
     ``*_gtFine_labelIds.png``; labelIds 7..33 map to 0..26, 0..6 (void classes) to -1
@@ -90,7 +109,7 @@ class Cityscapes27(LabelledDataset):
         ids_file: str | Path | None = None,
         preprocessing: str = "diffseg",
     ) -> None:
-        root = Path(root).expanduser() if root is not None else default_data_root() / "cityscapes"
+        root = self.resolve_root(root)
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         if not image_dir.is_dir() or not label_dir.is_dir():
             missing = image_dir if not image_dir.is_dir() else label_dir
@@ -98,23 +117,8 @@ class Cityscapes27(LabelledDataset):
                 f"Cityscapes not found at {root} ({missing} does not exist).\n"
                 + cityscapes_layout_help(root, split)
             )
-        found = {
-            p.name[: -len(IMAGE_SUFFIX)]: p
-            for p in sorted(
-                image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: (p.parent.name, p.name)
-            )
-        }
-        if not found:
-            raise FileNotFoundError(
-                f"no *{IMAGE_SUFFIX} images in {image_dir}/<city>/.\n"
-                + cityscapes_layout_help(root, split)
-            )
-        if ids is not None and ids_file is not None:
-            raise ValueError("pass ids= or ids_file=, not both")
-        if ids_file is not None:
-            ids = read_id_list(ids_file)
-        if ids is None:
-            ids = list(found)
+        found = _scan(image_dir, root, split)
+        ids, own = choose_ids(ids, ids_file, lambda: list(found))
         unknown = [i for i in ids if i not in found]
         if unknown:
             raise FileNotFoundError(
@@ -122,17 +126,13 @@ class Cityscapes27(LabelledDataset):
                 f"{unknown[0]}"
             )
         image_paths = [found[i] for i in ids]
-        label_paths = [
-            label_dir / p.parent.name / (i + LABEL_SUFFIX)
-            for i, p in zip(ids, image_paths, strict=True)
-        ]
-        missing_labels = [p for p in label_paths if not p.is_file()]
-        if missing_labels:
-            raise FileNotFoundError(
-                f"{len(missing_labels)} of {len(ids)} Cityscapes label files are missing, first: "
-                f"{missing_labels[0]}. Nothing is skipped: extract gtFine_trainvaltest.zip.\n"
-                + cityscapes_layout_help(root, split)
-            )
+        label_paths = [label_dir / found[i].parent.name / (i + LABEL_SUFFIX) for i in ids]
+        require_files(
+            label_paths,
+            "Cityscapes label files",
+            "extract gtFine_trainvaltest.zip.",
+            cityscapes_layout_help(root, split),
+        )
         mapping = {v: IGNORE_INDEX for v in range(FIRST_LABEL_ID)}
         mapping.update({v: v - FIRST_LABEL_ID for v in range(FIRST_LABEL_ID, LAST_LABEL_ID + 1)})
         super().__init__(
@@ -147,4 +147,17 @@ class Cityscapes27(LabelledDataset):
             root=root,
             split=split,
             preprocessing=preprocessing,
+            own_ids=own,
         )
+
+
+def _scan(image_dir: Path, root: Path, split: str) -> dict[str, Path]:
+    """id -> image of every ``<city>/*_leftImg8bit.png`` of the split, sorted by city then
+    file name."""
+    files = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: (p.parent.name, p.name))
+    if not files:
+        raise FileNotFoundError(
+            f"no *{IMAGE_SUFFIX} images in {image_dir}/<city>/.\n"
+            + cityscapes_layout_help(root, split)
+        )
+    return {p.name[: -len(IMAGE_SUFFIX)]: p for p in files}

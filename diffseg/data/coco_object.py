@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from diffseg.data.base import _INVALID, LabelledDataset, make_lut
-from diffseg.data.cocostuff import CocoStuff27
+from diffseg.data.catalog import DatasetInfo, register
+from diffseg.data.cocostuff import PREPARE_COMMAND, CocoStuff27, coco_layout_help
 from diffseg.data.paths import metadata_file
 
 COCO_OBJECT_FILE = "coco_object_fine_to_class.json"
@@ -58,6 +59,20 @@ def load_coco_object_table(path: str | Path | None = None) -> tuple[list[str], n
     return names, make_lut({**mapping, **background}, default=_INVALID)
 
 
+@register(
+    DatasetInfo(
+        name="coco_object",
+        title="COCO-Object",
+        class_names=lambda: load_coco_object_table()[0],
+        background_index=NUM_CLASSES - 1,
+        official_sizes={"val": 2175},
+        folder="cocostuff",
+        layout=lambda root, split="val": coco_layout_help(root, f"{split}2017"),
+        prepare=PREPARE_COMMAND,
+        options=("curated",),
+        protocol={"split": "val", "curated": True},
+    )
+)
 class CocoObject(LabelledDataset):
     """COCO-Object (81 classes, background last) on the COCO-Stuff layout and image lists.
 
@@ -98,6 +113,8 @@ class CocoObject(LabelledDataset):
         # The COCO-Stuff loader finds and checks the files; only its class map differs.
         files = CocoStuff27(root, split=split, curated=curated, ids=ids, ids_file=ids_file)
         names, lut = load_coco_object_table(mapping_file)
+        #: True when the ids are the shipped curated benchmark list.
+        self.curated = files.curated
         super().__init__(
             files.ids,
             files.image_paths,
@@ -108,10 +125,13 @@ class CocoObject(LabelledDataset):
             label_size=label_size,
             root=files.root,
             split=files.split,
+            own_ids=files.own_ids,
             **kwargs,
         )
-        #: True when the ids are the shipped curated benchmark list.
-        self.curated = files.curated
+
+    def is_benchmark_list(self) -> bool:
+        """Only the curated list is the benchmark, as for COCO-Stuff-27."""
+        return self.curated
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -8,8 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffseg.data.base import _INVALID, IGNORE_INDEX, LabelledDataset, make_lut
-from diffseg.data.paths import default_data_root, metadata_file
+from diffseg.data.base import (
+    _INVALID,
+    IGNORE_INDEX,
+    LabelledDataset,
+    choose_ids,
+    make_lut,
+    read_id_list,
+    require_files,
+)
+from diffseg.data.catalog import DatasetInfo, register
+from diffseg.data.paths import metadata_file
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +56,6 @@ def load_coco_stuff27_metadata(path: str | Path | None = None) -> dict[str, Any]
     return meta
 
 
-def read_id_list(path: str | Path) -> list[str]:
-    """Image ids, one per line (blank lines and surrounding spaces ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image id list not found: {path}")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    ids = [i for i in ids if i]
-    if not ids:
-        raise ValueError(f"image id list {path} is empty")
-    return ids
-
-
 def coco_layout_help(root: Path, folder: str = "val2017") -> str:
     """The sentence telling a user what COCO-Stuff layout is expected and how to make it."""
     return (
@@ -89,6 +86,24 @@ def _layout_hint(root: Path, folder: str) -> str:
     return hint
 
 
+def _coarse_names() -> list[str]:
+    return load_coco_stuff27_metadata()["coarse_names"]
+
+
+@register(
+    DatasetInfo(
+        name="coco_stuff27",
+        title="COCO-Stuff-27",
+        aliases=("cocostuff27", "coco_stuff"),
+        class_names=_coarse_names,
+        official_sizes={"val": 2175},
+        folder="cocostuff",
+        layout=lambda root, split="val": coco_layout_help(root, _SPLITS.get(split, split)),
+        prepare=PREPARE_COMMAND,
+        options=("curated",),
+        protocol={"split": "val", "curated": True},
+    )
+)
 class CocoStuff27(LabelledDataset):
     """COCO-Stuff-27 (docs/diffseg.md section 6): 27 coarse classes, label values through the
     182 -> 27 map.
@@ -129,12 +144,10 @@ class CocoStuff27(LabelledDataset):
         mapping_file: str | Path | None = None,
         preprocessing: str = "diffseg",
     ) -> None:
-        root = Path(root).expanduser() if root is not None else default_data_root() / "cocostuff"
+        root = self.resolve_root(root)
         if split not in _SPLITS:
             raise ValueError(f"unknown COCO-Stuff split {split!r}; use 'val' or 'train'")
         folder = _SPLITS[split]
-        if ids is not None and ids_file is not None:
-            raise ValueError("pass ids= or ids_file=, not both")
         uses_curated_list = curated and ids is None and ids_file is None
         if uses_curated_list and folder != "val2017":
             raise ValueError(
@@ -150,34 +163,23 @@ class CocoStuff27(LabelledDataset):
                 + coco_layout_help(root, folder)
             )
 
-        if ids_file is not None:
-            ids = read_id_list(ids_file)
-        elif uses_curated_list:
-            ids = read_id_list(metadata_file(CURATED_VAL_FILE))
-        elif ids is None:
-            ids = self._scan(image_dir, label_dir)
-        ids = [str(i) for i in ids]
-        if not ids:
-            raise ValueError("no image ids given")
+        def default() -> list[str]:
+            if uses_curated_list:
+                return read_id_list(metadata_file(CURATED_VAL_FILE))
+            return self._scan(image_dir, label_dir)
 
+        ids, own = choose_ids(ids, ids_file, default)
         image_paths = [image_dir / f"{i}.jpg" for i in ids]
         label_paths = [label_dir / f"{i}.png" for i in ids]
-        missing = [
-            p
-            for pair in zip(image_paths, label_paths, strict=True)
-            for p in pair
-            if not p.is_file()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of the {2 * len(ids)} image and label files of COCO-Stuff "
-                f"{folder} ({len(ids)} ids) are missing, first: {missing[0]}. Nothing is "
-                "skipped: complete the dataset"
-                + (SUBSET_HELP if uses_curated_list else ".")
-                + "\n"
-                + coco_layout_help(root, folder)
-            )
+        require_files(
+            [p for pair in zip(image_paths, label_paths, strict=True) for p in pair],
+            f"image and label files of COCO-Stuff {folder} ({len(ids)} ids)",
+            "complete the dataset" + (SUBSET_HELP if uses_curated_list else "."),
+            coco_layout_help(root, folder),
+        )
 
+        #: True when the ids are the shipped curated benchmark list.
+        self.curated = uses_curated_list
         meta = load_coco_stuff27_metadata(mapping_file)
         lut = make_lut(dict(enumerate(meta["fine_to_coarse"])), default=_INVALID)
         lut[int(meta.get("unlabelled_value", 255))] = IGNORE_INDEX
@@ -192,9 +194,12 @@ class CocoStuff27(LabelledDataset):
             root=root,
             split=folder.removesuffix("2017"),
             preprocessing=preprocessing,
+            own_ids=own,
         )
-        #: True when the ids are the shipped curated benchmark list.
-        self.curated = uses_curated_list
+
+    def is_benchmark_list(self) -> bool:
+        """Only the curated list is the benchmark (``curated=False`` scans a subset)."""
+        return self.curated
 
     @staticmethod
     def _scan(image_dir: Path, label_dir: Path) -> list[str]:

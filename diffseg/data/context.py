@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffseg.data.base import LabelledDataset
+from diffseg.data.base import LabelledDataset, choose_ids, read_id_list, require_files
+from diffseg.data.catalog import DatasetInfo, register
 from diffseg.data.class_tables import load_class_table
-from diffseg.data.paths import default_data_root
-from diffseg.data.voc import check_files, check_voc_layout, find_voc_folder, split_ids
+from diffseg.data.voc import check_voc_layout, find_voc_folder
 
 CONTEXT_CLASSES_FILE = "pascal_context59_classes.json"
 CONTEXT_PREPARE_COMMAND = "python datasets/prepare_context.py --root {root}"
@@ -36,6 +36,24 @@ def context_layout_help(folder: Path, split: str = "val") -> str:
     )
 
 
+def _context_names() -> list[str]:
+    return load_class_table(CONTEXT_CLASSES_FILE, num_classes=60)[0]["class_names"]
+
+
+@register(
+    DatasetInfo(
+        name="context",
+        title="Pascal Context",
+        aliases=("pascal_context",),
+        class_names=_context_names,
+        background_index=59,
+        official_sizes={"val": 5105, "train": 4998},
+        folder="VOCdevkit",
+        layout=lambda root, split="val": context_layout_help(find_voc_folder(root, "2010"), split),
+        prepare=CONTEXT_PREPARE_COMMAND,
+        protocol={"split": "val"},
+    )
+)
 class PascalContext(LabelledDataset):
     """Pascal Context, 59 classes + background (60 classes, background last).
 
@@ -71,8 +89,7 @@ class PascalContext(LabelledDataset):
         ids_file: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
-        given = Path(root).expanduser() if root is not None else default_data_root() / "VOCdevkit"
-        folder = find_voc_folder(given, "2010")
+        folder = find_voc_folder(self.resolve_root(root), "2010")
         layout_help = context_layout_help(folder, split)
         list_file = LIST_DIR / f"{split}.txt"
         check_voc_layout(
@@ -87,10 +104,15 @@ class PascalContext(LabelledDataset):
                 "Pascal Context's.",
             },
         )
-        ids = split_ids(folder / list_file, ids, ids_file)
+        ids, own = choose_ids(ids, ids_file, lambda: read_id_list(folder / list_file))
         image_paths = [folder / "JPEGImages" / f"{i}.jpg" for i in ids]
         label_paths = [folder / LABEL_DIR / f"{i}.png" for i in ids]
-        check_files([*image_paths, *label_paths], f"Pascal Context {split}", layout_help)
+        require_files(
+            [*image_paths, *label_paths],
+            f"image and label files of Pascal Context {split}",
+            "complete the dataset.",
+            layout_help,
+        )
 
         meta, lut = load_class_table(CONTEXT_CLASSES_FILE, num_classes=60)
         super().__init__(
@@ -103,6 +125,7 @@ class PascalContext(LabelledDataset):
             label_size=label_size,
             root=folder,
             split=split,
+            own_ids=own,
             **kwargs,
         )
 

@@ -2,8 +2,10 @@
 
 Unlike the benchmarks, a folder run may choose how photos are made square (``crop``), may
 skip unreadable files (``skip_unreadable``), and maps its predictions back to each photo's own
-size with :func:`diffseg.data.transforms.to_original_size`. :func:`count_unusual_shapes`
-counts the photos that a square input serves badly, for a warning once per run.
+size with :func:`diffseg.data.transforms.to_original_size`. Photos are read as seen: the EXIF
+orientation is applied (:func:`diffseg.data.io.read_photo`). :func:`count_unusual_shapes` counts
+the photos that a square input serves badly (how many lose how much to the centre crop, which
+are tiny), for a warning once per run.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from diffseg.data.base import ImageDataset
-from diffseg.data.io import IMAGE_EXTENSIONS, DataFileError, read_image_rgb
+from diffseg.data.catalog import DatasetInfo, register
+from diffseg.data.io import IMAGE_EXTENSIONS, DataFileError, photo_size, read_photo
 from diffseg.data.transforms import check_crop, crop_window, preprocess_image_crop
 
 #: Appended to a read error in a strict folder run.
@@ -36,8 +40,28 @@ def find_images(path: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 
+def _folder_layout(root: Path, split: str = "") -> str:
+    return (
+        f"expected image files ({', '.join(IMAGE_EXTENSIONS)}, any case) under {root}, "
+        "nested or flat; hidden files and folders are left out."
+    )
+
+
+@register(
+    DatasetInfo(
+        name="folder",
+        title="folder",
+        labelled=False,
+        layout=_folder_layout,
+        options=("crop", "skip_unreadable"),
+        protocol={"crop": "center", "skip_unreadable": False},
+    )
+)
 class ImageFolder(ImageDataset):
     """Every image under a folder (or one image file), preprocessed for the model.
+
+    Photos are read as seen: the EXIF orientation tag is applied, so a phone photo taken
+    upright is segmented and saved upright (``orig_size`` is the upright size).
 
     Items have ``image`` float32 (3, image_size, image_size) in [-1, 1], ``id`` (the path
     relative to the folder without extension, with '/' separators), ``orig_size`` int64 [H, W],
@@ -58,20 +82,24 @@ class ImageFolder(ImageDataset):
             :class:`~diffseg.data.io.DataFileError`. True: its item is returned with
             ``skipped=True``, the error message in ``error``, a mid-grey ``image``,
             ``orig_size`` [0, 0]; the caller drops it from the batch and reports it.
+        root: another name for ``path`` (the benchmarks' argument); pass one of the two.
     """
 
     name = "folder"
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None = None,
         image_size: int = 512,
         label_size: int | None = None,
         crop: str = "center",
         skip_unreadable: bool = False,
         preprocessing: str = "diffseg",
+        root: str | Path | None = None,
     ) -> None:
-        path = Path(path).expanduser()
+        if (path is None) == (root is None):
+            raise ValueError("pass path= or root= for the folder dataset (one of them)")
+        path = Path(path if path is not None else root).expanduser()
         if path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path} is not a supported image ({', '.join(IMAGE_EXTENSIONS)})")
@@ -95,7 +123,7 @@ class ImageFolder(ImageDataset):
         """One item (see the class docstring for the keys)."""
         index = self._check_index(index)
         try:
-            rgb = read_image_rgb(self.image_paths[index])
+            rgb = read_photo(self.image_paths[index])
         except DataFileError as err:
             if not self.skip_unreadable:
                 raise type(err)(f"{err} {SKIP_HINT}") from None
@@ -124,6 +152,10 @@ class ImageFolder(ImageDataset):
             "error": message,
         }
 
+    def load_rgb(self, index: int) -> np.ndarray:
+        """The photo as seen (EXIF orientation applied), uint8 RGB (H, W, 3), for display."""
+        return read_photo(self.image_paths[self._check_index(index)])
+
     def load_label(self, index: int):
         raise TypeError(f"ImageFolder({self.root}) has no labels")
 
@@ -143,11 +175,7 @@ def _check_unique_ids(ids: list[str], files: list[Path]) -> None:
         seen[i] = f
 
 
-_WHAT_CROP_DOES = {
-    "center": "lose their sides to the centre crop",
-    "pad": "are mostly grey padding",
-    "resize": "are squashed",
-}
+_WHAT_SQUARING_DOES = {"pad": "are mostly grey padding", "resize": "are squashed"}
 
 
 @dataclass
@@ -159,6 +187,8 @@ class ShapeCounts:
         elongated: ids whose long side exceeds ``max_aspect`` times the short side.
         tiny: ids whose short side is below ``min_side`` pixels (upscaled a lot).
         unreadable: ids whose header could not be read (they fail or are skipped later).
+        crop_loss: id -> fraction of the photo's area outside the centre square
+            (1 - short / long), for every photo that is not square.
     """
 
     total: int
@@ -167,37 +197,46 @@ class ShapeCounts:
     elongated: list[str] = field(default_factory=list)
     tiny: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    crop_loss: dict[str, float] = field(default_factory=dict)
 
     def warning(self, crop: str = "center", image_size: int = 512) -> str | None:
-        """One sentence for the run's log, or None when every image is fine."""
+        """One sentence for the run's log, or None when every image is fine.
+
+        With ``crop="center"``: how many photos lose part of their area to the centre crop and
+        the largest share lost, e.g. "12 of 40 images lose up to 33% of their area to the
+        centre crop (most: pano); dataset.crop=pad keeps them whole".
+        """
         parts = []
-        if self.elongated:
-            lost = _WHAT_CROP_DOES.get(crop, "are cropped")
+        if crop == "center" and self.crop_loss:
+            worst = max(self.crop_loss, key=self.crop_loss.get)
             parts.append(
-                f"{len(self.elongated)} are more than {self.max_aspect:g}:1 and {lost} "
+                f"{len(self.crop_loss)} of {self.total} images lose up to "
+                f"{self.crop_loss[worst]:.0%} of their area to the centre crop (most: {worst}); "
+                "dataset.crop=pad keeps them whole"
+            )
+        elif crop != "center" and self.elongated:
+            parts.append(
+                f"{len(self.elongated)} of {self.total} images are more than "
+                f"{self.max_aspect:g}:1 and {_WHAT_SQUARING_DOES.get(crop, 'are cropped')} "
                 f"(e.g. {self.elongated[0]})"
             )
         if self.tiny:
             parts.append(
-                f"{len(self.tiny)} have a side under {self.min_side} px and are upscaled to "
-                f"{image_size} (e.g. {self.tiny[0]})"
+                f"{len(self.tiny)} of {self.total} images have a side under {self.min_side} px "
+                f"and are upscaled to {image_size} (e.g. {self.tiny[0]})"
             )
-        if not parts:
-            return None
-        hint = " (dataset.crop=pad keeps whole photos)" if crop == "center" else ""
-        return f"of {self.total} images, " + "; ".join(parts) + hint + "."
+        return "; ".join(parts) + "." if parts else None
 
 
 def count_unusual_shapes(
     dataset: ImageDataset, max_aspect: float = 2.0, min_side: int = 128
 ) -> ShapeCounts:
-    """Count the far-from-square and tiny images of ``dataset`` from their headers only
-    (Pillow reads the size without decoding: fast even for thousands of photos)."""
+    """Count the non-square, far-from-square and tiny images of ``dataset`` from their headers
+    only (Pillow reads the size without decoding: fast even for thousands of photos)."""
     counts = ShapeCounts(total=len(dataset), max_aspect=max_aspect, min_side=min_side)
     for image_id, path in zip(dataset.ids, dataset.image_paths, strict=True):
         try:
-            with Image.open(path) as img:
-                width, height = img.size
+            height, width = photo_size(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             counts.unreadable.append(image_id)
             continue
@@ -206,4 +245,6 @@ def count_unusual_shapes(
             counts.tiny.append(image_id)
         if short > 0 and long / short > max_aspect:
             counts.elongated.append(image_id)
+        if 0 < short < long:
+            counts.crop_loss[image_id] = 1.0 - short / long
     return counts

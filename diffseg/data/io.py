@@ -1,8 +1,10 @@
 """Decoding image and label files exactly as stored.
 
-Images are decoded with Pillow, which never applies the EXIF orientation tag (the benchmark
-files are used as stored, as the reference's ``tf.io.decode_jpeg`` does) and raises on
-truncated files instead of returning a partly grey picture. Labels are read as the integers
+Images are decoded with Pillow, which raises on truncated files instead of returning a partly
+grey picture. Benchmark images are used as stored (:func:`read_image_rgb`): the EXIF
+orientation tag is NOT applied, as the reference's ``tf.io.decode_jpeg`` does not, and their
+labels are stored the same way. One's own photos are used as seen (:func:`read_photo`): a phone
+photo whose EXIF tag says "rotate 90 degrees" is turned upright before anything else. Labels are read as the integers
 stored in the PNG: a palette PNG gives its indices, never its colours.
 
 A file that cannot be used raises a :class:`DataFileError` (a ``diffseg.errors.DataError``)
@@ -15,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffseg.errors import DataError
 
@@ -26,6 +28,7 @@ __all__ = [
     "UnreadableFileError",
     "read_image_rgb",
     "read_label",
+    "read_photo",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -106,17 +109,59 @@ def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to RGB.
+    """Decode an image file to RGB, as stored (the benchmarks' reading).
 
     Grayscale is replicated to three channels, alpha is dropped (not composited, like
     ``tf.io.decode_image(channels=3)``), palette images take their palette colours, 16-bit
     images keep their high byte, CMYK/YCbCr are converted by Pillow. EXIF orientation is
-    NOT applied.
+    NOT applied (see :func:`read_photo`).
 
     Returns:
         uint8 array (H, W, 3), values 0..255, H and W as stored in the file.
     """
+    return _to_rgb(_open(Path(path), "image"))
+
+
+def read_photo(path: str | Path) -> np.ndarray:
+    """Decode a photo to RGB as it is seen: :func:`read_image_rgb` after applying the EXIF
+    orientation tag (``PIL.ImageOps.exif_transpose``). Folder runs and the predictor read
+    images this way; the benchmarks do not (their labels match the stored pixels).
+
+    Returns:
+        uint8 array (H, W, 3), H and W upright (swapped from the stored size for the tags
+        that turn the picture by 90 degrees).
+    """
     img = _open(Path(path), "image")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        pass  # a damaged EXIF block: the pixels are fine, use them as stored
+    return _to_rgb(img)
+
+
+def photo_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a photo as :func:`read_photo` returns it, from the header only.
+
+    Raises:
+        OSError, SyntaxError, ValueError or ``PIL.Image.DecompressionBombError`` from Pillow
+        for a file whose header cannot be read.
+    """
+    with Image.open(path) as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        except (OSError, SyntaxError, ValueError, TypeError):
+            orientation = 1
+    return (width, height) if orientation in _QUARTER_TURNS else (height, width)
+
+
+# EXIF tag 274 (Orientation); values 5..8 turn the picture by 90 degrees (swap H and W).
+_ORIENTATION_TAG = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image to a uint8 (H, W, 3) array (see :func:`read_image_rgb`)."""
     if img.mode in _WIDE_INT_MODES:
         gray = _wide_to_uint8(np.asarray(img))
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))

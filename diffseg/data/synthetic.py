@@ -18,8 +18,15 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffseg.data.base import IGNORE_INDEX, LabelledDataset, make_lut
-from diffseg.data.cocostuff import read_id_list
+from diffseg.data.base import (
+    IGNORE_INDEX,
+    LabelledDataset,
+    choose_ids,
+    make_lut,
+    read_id_list,
+    require_files,
+)
+from diffseg.data.catalog import DatasetInfo, register
 
 __all__ = ["SyntheticVOC"]
 
@@ -28,6 +35,24 @@ VOID_VALUE = 255
 RANDOM_MARKER = "RANDOM_WEIGHTS"
 
 
+def _synthetic_layout(root: Path, split: str = "train") -> str:
+    return (
+        "expected what generate.py writes:\n"
+        f"  {root}/JPEGImages/<id>.jpg, {root}/SegmentationClass/<id>.png,\n"
+        f"  {root}/ImageSets/Segmentation/{split}.txt, {root}/classes.json"
+    )
+
+
+@register(
+    DatasetInfo(
+        name="synthetic_voc",
+        title="SeeDiff generated",
+        aliases=("seediff",),
+        layout=_synthetic_layout,
+        prepare="python generate.py output_dir={root}",
+        protocol={"split": "train"},
+    )
+)
 class SyntheticVOC(LabelledDataset):
     """The images and masks of a generated SeeDiff dataset.
 
@@ -36,7 +61,7 @@ class SyntheticVOC(LabelledDataset):
         split: the ``ImageSets/Segmentation/<split>.txt`` list (``train``).
         image_size, label_size: model input and label sides (preprocessing: docs/diffseg.md
             section 1).
-        ids: use these ids instead of the split list.
+        ids / ids_file: use these ids (or those of a file, one per line) instead of the list.
 
     Items: ``image`` float32 (3, image_size, image_size) in [-1, 1], ``label`` int64
     (label_size, label_size) with 0 = background, k + 1 = class k, -1 = ignore; ``id``; ``orig_size``.
@@ -52,8 +77,9 @@ class SyntheticVOC(LabelledDataset):
         image_size: int = 512,
         label_size: int = 512,
         ids: Sequence[str] | None = None,
+        ids_file: str | Path | None = None,
     ) -> None:
-        root = Path(root)
+        root = self.resolve_root(root)
         classes_file = root / "classes.json"
         list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
         for needed in (classes_file, list_file):
@@ -63,7 +89,7 @@ class SyntheticVOC(LabelledDataset):
                     "generation has not finished; run the same generate.py command again)"
                 )
         class_names = json.loads(classes_file.read_text(encoding="utf-8"))
-        ids = [str(i) for i in ids] if ids is not None else read_id_list(list_file)
+        ids, own = choose_ids(ids, ids_file, lambda: read_id_list(list_file))
         mapping = {v: v for v in range(len(class_names))}
         mapping[VOID_VALUE] = IGNORE_INDEX
         lut = make_lut(mapping, default=-2)  # any other value is an error naming the file
@@ -77,11 +103,14 @@ class SyntheticVOC(LabelledDataset):
             label_size=label_size,
             root=root,
             split=split,
+            own_ids=own,
         )
         self._allowed_values = f"0..{len(class_names) - 1} and {VOID_VALUE} (void)"
-        missing = [p for p in (*self.image_paths, *self.label_paths) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} listed files are missing, first: {missing[0]}")
+        require_files(
+            [*self.image_paths, *self.label_paths],
+            f"listed files of {root}",
+            "generate them again (run the same generate.py command).",
+        )
         self.records = self._read_index(root / "index.jsonl")
         self.random_weights = (root / RANDOM_MARKER).is_file() or any(
             r.get("random_weights") for r in self.records.values()

@@ -10,10 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffseg.data.base import IGNORE_INDEX, LabelledDataset
+from diffseg.data.base import (
+    IGNORE_INDEX,
+    LabelledDataset,
+    choose_ids,
+    read_id_list,
+    require_files,
+)
+from diffseg.data.catalog import DatasetInfo, register
 from diffseg.data.class_tables import layout_listing, load_class_table
-from diffseg.data.cocostuff import read_id_list
-from diffseg.data.paths import default_data_root
 
 VOC_CLASSES_FILE = "pascal_voc21_classes.json"
 VOC_PREPARE_COMMAND = "python datasets/prepare_voc.py --root {root}"
@@ -53,28 +58,6 @@ def check_voc_layout(
     )
 
 
-def split_ids(list_file: Path, ids: Sequence[str] | None, ids_file: str | Path | None) -> list[str]:
-    """The ids to use: ``ids``, or those of ``ids_file``, or the official split list."""
-    if ids is not None and ids_file is not None:
-        raise ValueError("pass ids= or ids_file=, not both")
-    if ids_file is not None:
-        return read_id_list(ids_file)
-    out = [str(i) for i in (ids if ids is not None else read_id_list(list_file))]
-    if not out:
-        raise ValueError("no image ids given")
-    return out
-
-
-def check_files(paths: Sequence[Path], what: str, layout_help: str) -> None:
-    """Every file must exist: nothing is skipped silently."""
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of the {len(paths)} image and label files of {what} are missing, "
-            f"first: {missing[0]}. Nothing is skipped: complete the dataset.\n" + layout_help
-        )
-
-
 def voc_layout_help(folder: Path, split: str = "val") -> str:
     """The sentence telling a user what Pascal VOC layout is expected and how to make it."""
     return (
@@ -89,6 +72,25 @@ def voc_layout_help(folder: Path, split: str = "val") -> str:
     )
 
 
+def _voc_names() -> list[str]:
+    return load_class_table(VOC_CLASSES_FILE, num_classes=21)[0]["class_names"]
+
+
+@register(
+    DatasetInfo(
+        name="voc",
+        title="Pascal VOC",
+        aliases=("pascal_voc",),
+        class_names=_voc_names,
+        background_index=20,
+        official_sizes={"val": 1449, "train": 1464, "trainval": 2913},
+        folder="VOCdevkit",
+        layout=lambda root, split="val": voc_layout_help(find_voc_folder(root, "2012"), split),
+        prepare=VOC_PREPARE_COMMAND,
+        options=("void_as_background",),
+        protocol={"split": "val"},
+    )
+)
 class PascalVOC(LabelledDataset):
     """Pascal VOC 2012 segmentation with the background class last (21 classes).
 
@@ -128,8 +130,7 @@ class PascalVOC(LabelledDataset):
         void_as_background: bool = True,
         **kwargs: Any,
     ) -> None:
-        given = Path(root).expanduser() if root is not None else default_data_root() / "VOCdevkit"
-        folder = find_voc_folder(given, "2012")
+        folder = find_voc_folder(self.resolve_root(root), "2012")
         layout_help = voc_layout_help(folder, split)
         list_file = Path("ImageSets", "Segmentation", f"{split}.txt")
         check_voc_layout(
@@ -142,10 +143,15 @@ class PascalVOC(LabelledDataset):
                 "not the benchmark's: extract SegmentationClass from the official archive.",
             },
         )
-        ids = split_ids(folder / list_file, ids, ids_file)
+        ids, own = choose_ids(ids, ids_file, lambda: read_id_list(folder / list_file))
         image_paths = [folder / "JPEGImages" / f"{i}.jpg" for i in ids]
         label_paths = [folder / "SegmentationClass" / f"{i}.png" for i in ids]
-        check_files([*image_paths, *label_paths], f"Pascal VOC 2012 {split}", layout_help)
+        require_files(
+            [*image_paths, *label_paths],
+            f"image and label files of Pascal VOC 2012 {split}",
+            "complete the dataset.",
+            layout_help,
+        )
 
         meta, lut = load_class_table(VOC_CLASSES_FILE, num_classes=21)
         if not void_as_background:
@@ -160,6 +166,7 @@ class PascalVOC(LabelledDataset):
             label_size=label_size,
             root=folder,
             split=split,
+            own_ids=own,
             **kwargs,
         )
         self.void_as_background = bool(void_as_background)

@@ -122,6 +122,8 @@ def print_summary(results: Mapping[str, Mapping[str, Any]], run_dir: Path) -> st
     if first["random_weights"]:
         lines += ["!!! " + RANDOM_WARNING, ""]
     subset = "" if ds["full_benchmark"] else " (NOT the full benchmark)"
+    if ds.get("incomplete"):  # a partial copy: say how much of it was found
+        subset = f" (NOT the full benchmark: {ds['images_found']} of {ds['images_expected']} found)"
     lines.append(
         f"dataset   {ds['name']} ({ds.get('split') or '-'}), {ds['num_images_run']} images"
         f"{subset}, evaluated at {first['resolution']}x{first['resolution']}"

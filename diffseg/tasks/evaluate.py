@@ -38,7 +38,7 @@ from ..engine.report import (
 from ..engine.rundir import RunDir, now, write_json_atomic
 from ..engine.settings import build_settings
 from ..errors import ConfigError
-from ..tracking import NullTracker
+from ..tracking import NullTracker, coverage_summary
 from .build import (
     build_backbone_from_config,
     build_dataset_from_config,
@@ -338,13 +338,13 @@ def _session(started: str, t_start: float, images: int, stages, knobs) -> dict[s
 
 def _dataset_summary(cfg, dataset, ids) -> dict[str, Any]:
     desc = {k: v for k, v in dataset.describe().items() if k != "name"}
-    full = len(ids) == len(dataset) and getattr(dataset, "curated", True) is not False
     return {
         "name": str(cfg.dataset.name),
         **desc,
         "size": len(dataset),
         "num_images_run": len(ids),
-        "full_benchmark": bool(full and not cfg.dataset.get("ids_file")),
+        # the dataset says: full_benchmark, images_found / images_expected, incomplete
+        **dataset.benchmark_coverage(ids),
         "curated": getattr(dataset, "curated", None),
     }
 
@@ -387,12 +387,13 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
 
 
 def _tracker(cfg, prep: _Prepared):
-    from ..tracking import build_tracker
+    from ..tracking import build_tracker, coverage_tags
 
     rundir, settings, knobs = prep.rundir, prep.settings, prep.knobs
     random_weights = prep.random_weights
     tags = [str(cfg.dataset.name), settings[0].method_name, f"res{knobs['resolution']}"]
     tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
+    tags += coverage_tags(prep.dataset.benchmark_coverage(prep.ids))  # "partial"
     config = dict(plain(cfg), random_weights=random_weights)
     name = f"{cfg.dataset.name}-{settings[0].method_name}-{knobs['resolution']}-{cfg.backbone.name}"
     try:
@@ -420,6 +421,7 @@ def _log_to_tracker(tracker, results: dict[str, Any], random_weights: bool) -> N
             tracker.log_class_table(f"{prefix}iou_per_class", list(iou), list(iou.values()))
         tracker.log_images(f"{prefix}overlays", r.get("overlays", [])[:16])
     summary["images_per_s"] = next(iter(results.values()))["timing"]["images_per_s"]
+    summary.update(coverage_summary(next(iter(results.values()))["dataset"]))
     tracker.log_summary(summary)
 
 

@@ -94,10 +94,18 @@ def test_cityscapes(tmp_path, capsys):
     labels = Cityscapes27(root, label_size=RES)
     preds = _write_preds(tmp_path / "preds", labels, wide=False, seed=1)
     args = ["--dataset", "cityscapes", "--root", str(root), "--predictions", str(preds)]
-    assert main([*args, "--resolution", str(RES)]) == 0
-    assert "ACC 100.00  mIoU 100.00  (2 images" in capsys.readouterr().out
+    out = tmp_path / "results.json"
+    assert main([*args, "--resolution", str(RES), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ACC 100.00  mIoU 100.00  (2 images" in printed
+    # 2 of the 500 val frames: said as run.py says it
+    assert "(NOT the full benchmark: 2 of 500 found)" in printed
+    res = json.loads(out.read_text())
+    assert res["full_benchmark"] is False and res["images_expected"] == 500
+    assert main([*args, "--other-as-class"]) == 2
+    assert "--other-as-class applies to ade20k only" in capsys.readouterr().err
     assert main([*args, "--resolution", str(RES), "--no-curated"]) == 2
-    assert "coco_stuff27 only" in capsys.readouterr().err
+    assert "applies to coco_stuff27 and coco_object only" in capsys.readouterr().err
 
 
 def test_missing_prediction(coco, tmp_path, capsys):
@@ -151,7 +159,7 @@ def test_ids_file_and_module_entry_point(coco, tmp_path):
     preds = _write_preds(tmp_path / "preds", labels, wide=True)
     ids_file = fakedata.write_id_list(tmp_path / "ids.txt", ids[:2])
     cmd = [sys.executable, "-m", "eval.score", *_coco_args(root, preds, "--ids-file", ids_file)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert "ACC 100.00  mIoU 100.00  (2 images" in done.stdout
 

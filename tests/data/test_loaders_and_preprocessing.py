@@ -27,10 +27,12 @@ from diffseg.data import (
     from_model_range,
     read_image_rgb,
     read_label,
+    read_photo,
     resize_image,
     resize_label,
     to_model_range,
 )
+from diffseg.data.folder import count_unusual_shapes
 from diffseg.data.transforms import center_crop_box, nearest_indices
 from diffseg.testing import fakedata
 
@@ -419,7 +421,7 @@ def test_cityscapes_errors(city, tmp_path):
     gone = next((root / "gtFine").rglob(f"{ids[0]}_gtFine_labelIds.png"))
     gone.unlink()
     with pytest.raises(
-        FileNotFoundError, match=rf"1 of 2 Cityscapes label files are missing, first: {gone}"
+        FileNotFoundError, match=rf"1 of the 2 Cityscapes label files are missing, first: {gone}"
     ):
         Cityscapes27(root)
 
@@ -457,19 +459,39 @@ def test_image_modes_convert_to_rgb(tmp_path):
     np.testing.assert_array_equal(out, (c16 >> 8).astype(np.uint8))
 
 
-def test_exif_orientation_is_not_applied(tmp_path):
-    img = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (16, 1)), mode="L").convert(
-        "RGB"
-    )
+def _write_rotated(path: Path, orientation: int = 6) -> np.ndarray:
+    """A 16x32 picture stored with an EXIF orientation tag; returns the stored pixels."""
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, :, 0] = np.arange(32, dtype=np.uint8) * 8  # a ramp: left dark, right red
+    pixels[:4, :, 1] = 255  # a green band at the top, to tell a turn from a flip
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
-    stored = Image.open(tmp_path / "rot.jpg")
-    assert stored.getexif()[0x0112] == 6 and ImageOps.exif_transpose(stored).size == (16, 32)
-    assert read_image_rgb(tmp_path / "rot.jpg").shape == (16, 32, 3)
-    (tmp_path / "folder").mkdir()
-    (tmp_path / "rot.jpg").rename(tmp_path / "folder" / "rot.jpg")
-    assert ImageFolder(tmp_path / "folder")[0]["orig_size"].tolist() == [16, 32]
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    return pixels
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_benchmarks_read_stored_pixels_photos_are_turned_upright(tmp_path, suffix):
+    path = tmp_path / "folder" / f"rot{suffix}"
+    path.parent.mkdir()
+    stored = _write_rotated(path, orientation=6)  # "rotate 90 degrees clockwise to display"
+    with Image.open(path) as img:
+        assert img.getexif()[0x0112] == 6 and img.size == (32, 16)
+        upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    # benchmarks: as stored (their labels are stored the same way)
+    assert read_image_rgb(path).shape == (16, 32, 3)
+    # photos: as seen, the stored picture turned clockwise
+    photo = read_photo(path)
+    assert photo.shape == (32, 16, 3)
+    np.testing.assert_array_equal(photo, upright)
+    if suffix == ".png":  # lossless: the turn is exact
+        np.testing.assert_array_equal(photo, np.rot90(stored, k=-1))
+    folder = ImageFolder(tmp_path / "folder", image_size=16)
+    item = folder[0]
+    assert item["orig_size"].tolist() == [32, 16] and folder.load_rgb(0).shape == (32, 16, 3)
+    np.testing.assert_array_equal(item["crop_box"].numpy(), [8, 0, 16, 16])
+    counts = count_unusual_shapes(folder)
+    assert counts.crop_loss == {"rot": 0.5} and counts.elongated == []
 
 
 def test_unreadable_and_truncated_images(tmp_path):
@@ -517,15 +539,18 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         ImageFolder(tmp_path / "nope")
+    for both_or_none in ({"path": tmp_path, "root": tmp_path}, {}):
+        with pytest.raises(ValueError, match="pass path= or root= for the folder dataset"):
+            ImageFolder(**both_or_none)
 
 
 def test_build_dataset(coco, city):
     assert isinstance(build_dataset("coco_stuff27", root=coco[0], ids=coco[1]), CocoStuff27)
     assert len(build_dataset("cityscapes", root=city[0], label_size=320)) == 3
-    with pytest.raises(
-        ValueError, match="unknown dataset 'pascal'.*coco_stuff27, cityscapes, folder, voc"
-    ):
+    with pytest.raises(ValueError, match="unknown dataset 'pascal'; choose one of") as err:
         build_dataset("pascal")
+    assert all(n in str(err.value) for n in ("coco_stuff27", "cityscapes", "folder", "voc"))
+    assert isinstance(build_dataset("cityscapes27", root=city[0]), Cityscapes27)  # an alias
     with pytest.raises(ValueError, match="label_size must be a positive integer"):
         build_dataset("cityscapes", root=city[0], label_size=0)
 

@@ -236,11 +236,26 @@ def test_count_unusual_shapes(tmp_path):
     assert time.perf_counter() - start < 2
     assert counts.total == 5 and counts.elongated == ["pano", "tall"]
     assert counts.tiny == ["tiny"] and counts.unreadable == ["broken"]
+    # every non-square photo loses 1 - short/long of its area to the centre crop
+    assert counts.crop_loss == pytest.approx(
+        {"pano": 1 - 300 / 5412, "ok": 1 - 480 / 640, "tall": 1 - 300 / 900}
+    )
     text = counts.warning("center")
-    assert text.startswith("of 5 images, 2 are more than 2:1 and lose their sides")
-    assert "1 have a side under 128 px" in text and "dataset.crop=pad" in text
-    assert "squashed" in counts.warning("resize")
+    assert text.startswith(
+        "3 of 5 images lose up to 94% of their area to the centre crop (most: pano); "
+        "dataset.crop=pad keeps them whole; 1 of 5 images have a side under 128 px"
+    )
+    assert counts.warning("resize").startswith("2 of 5 images are more than 2:1 and are squashed")
+    assert "centre crop" not in counts.warning("pad")
     (tmp_path / "pano.png").unlink()
     (tmp_path / "tiny.png").unlink()
     (tmp_path / "tall.png").unlink()
+    counts = count_unusual_shapes(ImageFolder(tmp_path))  # ok.png (4:3) loses a quarter
+    assert counts.warning() == (
+        "1 of 2 images lose up to 25% of their area to the centre crop (most: ok); "
+        "dataset.crop=pad keeps them whole."
+    )
+    assert counts.warning("pad") is None
+    (tmp_path / "ok.png").unlink()
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "square.png")
     assert count_unusual_shapes(ImageFolder(tmp_path)).warning() is None

@@ -16,7 +16,7 @@ from diffseg.data.coco_object import CocoObject
 from diffseg.data.context import PascalContext
 from diffseg.data.paths import metadata_dir
 from diffseg.data.voc import PascalVOC
-from diffseg.testing import fakedata_extra as fx
+from diffseg.testing import fakedata_diffcut as fx
 
 SIZE = 16  # evaluation side of the fixtures
 

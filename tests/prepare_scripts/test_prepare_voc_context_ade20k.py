@@ -23,7 +23,7 @@ import diffseg
 from diffseg.data.ade20k import ADE20K
 from diffseg.data.context import PascalContext
 from diffseg.data.voc import PascalVOC
-from diffseg.testing import fakedata_extra as fx
+from diffseg.testing import fakedata_diffcut as fx
 
 REPO = Path(diffseg.__file__).resolve().parents[1]
 
