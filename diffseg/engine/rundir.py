@@ -1,6 +1,7 @@
 """The run directory: what it holds, when it may be resumed, and atomic JSON writes.
 
-``run.json`` records the run's fingerprint (everything that changes the numbers: dataset and
+A session locks the run dir (:mod:`.lock`) before it reads anything there, so two jobs never
+segment into one dir. ``run.json`` records the run's fingerprint (everything that changes the numbers: dataset and
 its limit, evaluation size, backbone, precision, seed, the settings, which outputs are written),
 the W&B run id and one entry per session (start, end, images, time per stage). A start on a run
 dir with another fingerprint is refused, naming what differs.
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..errors import ResumeError
 from ..io_utils import atomic_write_text
+from .lock import RunDirLocked, RunLock
 
 __all__ = ["RunDir", "diff_fingerprints", "now", "write_json_atomic"]
 
@@ -57,10 +59,28 @@ class RunDir:
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.state: dict[str, Any] = {}
         self.resumed = False
+        self._lock: RunLock | None = None
 
     @property
     def run_json(self) -> Path:
         return self.path / "run.json"
+
+    def lock(self, shard: int | None = None) -> RunDir:
+        """Take the run dir's OS lock for this session (:mod:`.lock`): ``shard`` for an
+        independent shard job, None for a whole run; raises
+        :class:`~diffseg.engine.lock.RunDirLocked` naming the holder when another job has it."""
+        if self._lock is None:
+            try:
+                self._lock = RunLock(self.path, shard).acquire()
+            except RunDirLocked:
+                self._restore_hydra_files()  # this start rewrote them: the holder's come back
+                raise
+        return self
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def open(self) -> RunDir:
         """Read ``run.json`` if there is one; raise :class:`ResumeError` when it describes

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine.config import check_config, plain
 from ..engine.distributed import Dist, from_env, shard
 from ..engine.evaluators import MetricEvaluator, OverlayWriter, PredictionWriter, SegmentCounter
+from ..engine.lock import RunDirLocked
 from ..engine.loop import SettingRun, StageTimes, run_loop
 from ..engine.report import (
     RANDOM_WARNING,
@@ -33,9 +34,10 @@ from ..engine.report import (
     print_summary,
     timing_summary,
     versions,
+    write_results,
     write_sweep_results,
 )
-from ..engine.rundir import RunDir, now, write_json_atomic
+from ..engine.rundir import RunDir, now
 from ..engine.settings import build_settings
 from ..errors import ConfigError, DataError, RunError
 from ..tracking import NullTracker
@@ -98,15 +100,19 @@ def evaluate(
     """
     t_start, started = time.perf_counter(), now()
     prep = _prepare(cfg, Path(run_dir))
-    todo = [] if merge_only else prep.todo()
-    if todo and backbone is None:
-        backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
-    if backbone is not None:
-        prep.random_weights = bool(backbone.is_random)
-        _check_requests(backbone, prep)
-    if prep.random_weights and prep.dist.is_main:
-        _loud_warning()
-    tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    try:  # (the run dir's lock is let go whatever happens)
+        todo = [] if merge_only else prep.todo()
+        if todo and backbone is None:
+            backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
+        if backbone is not None:
+            prep.random_weights = bool(backbone.is_random)
+            _check_requests(backbone, prep)
+        if prep.random_weights and prep.dist.is_main:
+            _loud_warning()
+        tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    except BaseException:
+        prep.rundir.unlock()
+        raise
     try:
         _claim(cfg, prep, backbone)
         stages, done = _segment_all(prep, todo, backbone, tracker, on_batch, (started, t_start))
@@ -120,6 +126,7 @@ def evaluate(
         for run in prep.runs:
             for evaluator in run.evaluators:
                 evaluator.close()
+        prep.rundir.unlock()
     tracker.finish(exit_code=0)
     if results:
         print_summary(results, prep.rundir.path)
@@ -144,13 +151,18 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
     if dist.is_main:
         _warn_about_shapes(dataset)
     random_weights = is_random_config(plain(cfg.backbone))
-    rundir = RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)).open()
-    runs = [
-        _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
-    ]
-    for run in runs:
-        for evaluator in run.evaluators:
-            evaluator.reset()
+    rundir = _lock(RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)), dist)
+    try:  # the lock is let go by evaluate() once prepared; here if preparing fails
+        rundir.open()
+        runs = [
+            _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
+        ]
+        for run in runs:
+            for evaluator in run.evaluators:
+                evaluator.reset()
+    except BaseException:
+        rundir.unlock()
+        raise
     prep = _Prepared(knobs, settings, dataset, ids, rundir, runs, dist, random_weights)
     if rundir.resumed and dist.is_main:
         left = sum(1 for i in ids if not all(i in r.records.done for r in runs))
@@ -158,6 +170,23 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
                  len(ids), left)  # fmt: skip
     dist.barrier()  # every process has read the records before anyone appends to them
     return prep
+
+
+def _lock(rundir: RunDir, dist: Dist) -> RunDir:
+    """This session's lock on the run dir, before anything there is read: torchrun's main
+    process takes it for the whole job and tells the others whether it got it; an independent
+    shard job takes its own shard's."""
+    refusal = None
+    if dist.is_main or not dist.group:
+        try:
+            rundir.lock(dist.rank if dist.world_size > 1 and not dist.group else None)
+        except RunDirLocked as err:
+            refusal = str(err)
+    refusal = dist.broadcast(refusal)
+    if refusal is not None:
+        rundir.unlock()
+        raise RunDirLocked(refusal)
+    return rundir
 
 
 def _check_requests(backbone, prep: _Prepared) -> None:
@@ -378,7 +407,7 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
         if rundir.state.get("skipped"):
             res["skipped"] = rundir.state["skipped"]
         res["images_resumed"] = run.records.resumed
-        write_json_atomic(run.setting.out_dir / "results.json", res)
+        res = write_results(run.setting.out_dir / "results.json", res)  # kept if unchanged
         results[run.setting.name or ""] = res
     if len(runs) > 1:
         write_sweep_results(rundir.path, results, random_weights)
@@ -444,6 +473,19 @@ def _remove_if_unstarted(run_dir: Path) -> None:
     if run_dir.is_dir() and not (run_dir / "run.json").exists():
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_empty_parents(run_dir)
+
+
+def _remove_empty_parents(run_dir: Path) -> None:
+    """The folders Hydra made above a run dir (``outputs/<dataset>/<method>_<res>/``) go too
+    when nothing else is in them; never the working directory or anything above it."""
+    cwd, folder = Path.cwd().resolve(), run_dir.resolve().parent
+    while folder != cwd and cwd in folder.parents:
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -484,7 +526,8 @@ def main(cfg: DictConfig) -> float | None:
         message = f"error: {err}"
         _log_error_to_files(message)
         print(message, file=sys.stderr, flush=True)
-        _remove_if_unstarted(run_dir)
+        if not isinstance(err, RunDirLocked):  # the dir is another job's
+            _remove_if_unstarted(run_dir)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(
