@@ -13,6 +13,7 @@ run dir itself, or ``<setting>/`` when several are swept) ``per_image.csv`` (dur
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -219,7 +220,9 @@ def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
     stages = StageTimes()
     try:
         _loop(prep.dataset, todo, backbone, prep.runs, prep.knobs, progress, stages)
-    except BaseException:  # Ctrl-C or an error: the images finished keep their session
+    except BaseException as err:  # Ctrl-C or an error: the images finished keep their session
+        if isinstance(err, RunError):  # this process's own images: it says so itself
+            err.own_images = True
         if progress.done and (prep.dist.is_main or not prep.dist.group):
             session = _session(*clock, progress.done, stages, prep.knobs)
             prep.rundir.add_session({**session, "interrupted": True})
@@ -488,6 +491,12 @@ def _remove_empty_parents(run_dir: Path) -> None:
         folder = folder.parent
 
 
+def _prints(err: BaseException) -> bool:
+    """Under torchrun a mistake that every process meets (options, data, weights, run dir)
+    is printed once, by the main process; an error in one process's own images by that one."""
+    return int(os.environ.get("RANK", "0")) == 0 or getattr(err, "own_images", False)
+
+
 def resume_hint(run_dir: Path) -> str:
     """The command that continues an interrupted run or multirun (quoted for a POSIX shell).
 
@@ -525,7 +534,10 @@ def main(cfg: DictConfig) -> float | None:
     except (RunError, DataError) as err:
         message = f"error: {err}"
         _log_error_to_files(message)
-        print(message, file=sys.stderr, flush=True)
+        if _prints(err):
+            print(message, file=sys.stderr, flush=True)
+        else:  # torchrun stops every process once one exits: the main one speaks first
+            time.sleep(2)
         if not isinstance(err, RunDirLocked):  # the dir is another job's
             _remove_if_unstarted(run_dir)
         raise SystemExit(2) from None
