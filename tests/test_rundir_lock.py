@@ -199,3 +199,19 @@ def test_rerunning_a_finished_run_changes_no_figure(coco_root, backbone, tmp_pat
     evaluate(cfg, tmp_path, backbone=backbone)
     assert {name: (tmp_path / name).read_bytes() for name in files} == before
     assert json.loads((tmp_path / "run.json").read_text())["sessions"] == sessions
+
+
+def test_shard_jobs_started_together_keep_every_session(tmp_path):
+    """Two shard jobs open a new run dir at once, then claim it and add their sessions in
+    turn: run.json ends with both sessions (the later claim does not wipe the first's)."""
+    from diffseg.engine.rundir import RunDir
+
+    jobs = [RunDir(tmp_path, {"a": 1}).lock(shard=k).open() for k in range(2)]
+    jobs[0].claim("a: 1\n")
+    jobs[0].add_session({"images": 2})
+    jobs[1].claim("a: 1\n")
+    jobs[1].add_session({"images": 1})
+    sessions = json.loads((tmp_path / "run.json").read_text())["sessions"]
+    assert [s["images"] for s in sessions] == [2, 1]
+    for job in jobs:
+        job.unlock()

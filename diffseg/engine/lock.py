@@ -17,11 +17,13 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import RunError
 
-__all__ = ["LOCK_NAME", "RunDirLocked", "RunLock", "holder_of"]
+__all__ = ["LOCK_NAME", "RunDirLocked", "RunLock", "holder_of", "while_writing"]
 
 LOCK_NAME = ".lock"
 
@@ -136,6 +138,18 @@ class RunLock:
             f"{self.run_dir} is in use: {'; '.join(holders)} is running {what}. Wait for it "
             "to finish (or stop it), or choose another dir (hydra.run.dir=...)."
         )
+
+
+@contextmanager
+def while_writing(path: Path) -> Iterator[None]:
+    """A short exclusive lock on ``path`` (waits for it): one read-modify-write at a time of a
+    file that several shard jobs update (``run.json``)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _my_info() -> dict:

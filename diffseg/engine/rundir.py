@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ResumeError
 from ..io_utils import atomic_write_text
-from .lock import RunDirLocked, RunLock
+from .lock import LOCK_NAME, RunDirLocked, RunLock, while_writing
 
 __all__ = ["RunDir", "diff_fingerprints", "now", "write_json_atomic"]
 
@@ -112,20 +112,22 @@ class RunDir:
         atomic_write_text(self.path / "config_resolved.yaml", config_yaml)
         self.save()
 
-    def save(self) -> None:
-        write_json_atomic(self.run_json, self.state)
+    def save(self, session: dict[str, Any] | None = None) -> None:
+        """Write ``run.json`` (with ``session`` appended). Independent shard jobs share it: each
+        write takes the sessions on disk now, one job at a time, so none is lost."""
+        with while_writing(self.path / f"{LOCK_NAME}.run_json"):
+            try:
+                on_disk = json.loads(self.run_json.read_text(encoding="utf-8")).get("sessions")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                on_disk = None
+            if isinstance(on_disk, list):  # every session this process added is there too
+                self.state["sessions"] = on_disk
+            if session is not None:
+                self.state["sessions"].append(session)
+            write_json_atomic(self.run_json, self.state)
 
     def add_session(self, session: dict[str, Any]) -> None:
-        """Append a session, to the sessions on disk now: independent shard jobs write into one
-        run.json, each reading it again just before its write (a small window remains)."""
-        try:
-            on_disk = json.loads(self.run_json.read_text(encoding="utf-8")).get("sessions")
-        except (OSError, json.JSONDecodeError):
-            on_disk = None
-        if isinstance(on_disk, list) and len(on_disk) > len(self.state["sessions"]):
-            self.state["sessions"] = on_disk
-        self.state["sessions"].append(session)
-        self.save()
+        self.save(session)
 
     # Hydra rewrites .hydra/*.yaml at every start: keep the first start's copy, and put it back
     # when a resume is refused so the run dir still describes its own run.
