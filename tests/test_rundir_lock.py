@@ -215,3 +215,20 @@ def test_shard_jobs_started_together_keep_every_session(tmp_path):
     assert [s["images"] for s in sessions] == [2, 1]
     for job in jobs:
         job.unlock()
+
+
+def test_a_start_refused_before_its_claim_leaves_no_folder(coco_root, backbone, tmp_path):
+    """A run that locked a new dir and then stopped on a user's mistake (here: the backbone
+    refuses the method's feature request) leaves neither the dir nor its lock file."""
+    from diffseg.errors import ConfigError
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(backbone, name)
+
+        def check_request(self, request, image_size):
+            raise ValueError("no such module")
+
+    with pytest.raises(ConfigError, match="no such module"):
+        evaluate(_cfg(coco_root), tmp_path / "run", backbone=Refusing())
+    assert not (tmp_path / "run").exists()

@@ -43,11 +43,27 @@ def _describe(info: dict | None) -> str:
 
 
 def _read_info(path: Path) -> dict | None:
+    """The holder's pid, host and start time; None while a new holder has not written them
+    yet (the file still names a process of this host that is gone)."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        return None
+    if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+        return None
+    return info
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _try_flock(fd: int, mode: int) -> bool:

@@ -9,6 +9,7 @@ dir with another fingerprint is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shutil
@@ -60,6 +61,7 @@ class RunDir:
         self.state: dict[str, Any] = {}
         self.resumed = False
         self._lock: RunLock | None = None
+        self._made = False  # whether lock() created the folder
 
     @property
     def run_json(self) -> Path:
@@ -70,6 +72,7 @@ class RunDir:
         independent shard job, None for a whole run; raises
         :class:`~diffseg.engine.lock.RunDirLocked` naming the holder when another job has it."""
         if self._lock is None:
+            self._made = not self.path.exists()
             try:
                 self._lock = RunLock(self.path, shard).acquire()
             except RunDirLocked:
@@ -78,9 +81,16 @@ class RunDir:
         return self
 
     def unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Let the lock go; a dir this session made and never claimed goes with it."""
+        if self._lock is None:
+            return
+        if self._made and not self.run_json.exists():
+            for f in self.path.glob(f"{LOCK_NAME}*"):
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if nothing else is there
+        self._lock.release()
+        self._lock = None
 
     def open(self) -> RunDir:
         """Read ``run.json`` if there is one; raise :class:`ResumeError` when it describes
