@@ -155,7 +155,7 @@ def test_shard_jobs_lock_their_own_shard(tmp_path):
     shard0 = _holder(tmp_path, shard=0)
     try:
         one = RunLock(tmp_path, shard=1).acquire()  # another shard: fine
-        with pytest.raises(RunDirLocked, match=f"pid {shard0.pid} .*shard 0 of this run dir"):
+        with pytest.raises(RunDirLocked, match=rf"in use by pid {shard0.pid} .*\(shard0\)"):
             RunLock(tmp_path, shard=0).acquire()
         with pytest.raises(RunDirLocked) as err:
             RunLock(tmp_path).acquire()

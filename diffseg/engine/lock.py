@@ -148,11 +148,11 @@ class RunLock:
                 if info is not None:
                     holders.append(f"{_describe(info)} ({shard_file.name[len(LOCK_NAME) + 1 :]})")
         if not holders:
-            holders.append(_describe(_read_info(path)))
-        what = "this run dir" if self.shard is None else f"shard {self.shard} of this run dir"
+            shard = f" (shard{self.shard})" if path.name != LOCK_NAME else ""
+            holders.append(_describe(_read_info(path)) + shard)
         return (
-            f"{self.run_dir} is in use: {'; '.join(holders)} is running {what}. Wait for it "
-            "to finish (or stop it), or choose another dir (hydra.run.dir=...)."
+            f"{self.run_dir} is in use by {'; '.join(holders)}. Wait for it to finish (or stop "
+            "it), or choose another dir (hydra.run.dir=...)."
         )
 
 
