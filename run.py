@@ -35,5 +35,8 @@ def _torchrun_setup() -> None:
 
 
 if __name__ == "__main__":
+    from diffseg.tasks.hydra_errors import install as one_line_hydra_errors
+
+    one_line_hydra_errors()  # a mistyped key or group, an unwritable output dir: one line, exit 2
     _torchrun_setup()
     main()

@@ -63,8 +63,10 @@ def _parse_row(row: dict[str, str], columns: Sequence[str]) -> dict[str, Any]:
 
 
 def read_per_image(path: Path, columns: Sequence[str], repair: bool = True) -> list[dict[str, Any]]:
-    """Records saved in ``per_image.csv``, in file order.
+    """Records saved in ``per_image.csv``, in file order, each id once.
 
+    A file written by two processes at once (before run dirs were locked) may hold an id
+    twice: its first row is the record, the others are skipped with a warning.
     A trailing partial line (the process died mid-write) is cut off the file when ``repair``;
     a last complete row that does not parse is dropped the same way. Damage anywhere else
     raises :class:`ResumeError`.
@@ -105,7 +107,17 @@ def read_per_image(path: Path, columns: Sequence[str], repair: bool = True) -> l
     if repair and good_bytes != len(data):
         log.warning("%s: removing an incomplete last row (interrupted write)", path)
         _truncate(path, good_bytes)
-    return records
+    return _first_of_each_id(records, path)
+
+
+def _first_of_each_id(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        seen.setdefault(rec["id"], rec)
+    if len(seen) < len(records):
+        log.warning("%s: %d repeated rows (an image written twice); each image counts once",
+                    path, len(records) - len(seen))  # fmt: skip
+    return list(seen.values())
 
 
 def _truncate(path: Path, size: int) -> None:

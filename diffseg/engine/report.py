@@ -26,6 +26,7 @@ __all__ = [
     "print_summary",
     "timing_summary",
     "versions",
+    "write_results",
 ]
 
 RANDOM_WARNING = (
@@ -97,6 +98,34 @@ def timing_summary(sessions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "stage_seconds": {k: round(v, 3) for k, v in total.items()},
         "images_per_s": round(timed / busy, 4) if timed and busy > 0 else None,
     }
+
+
+#: What differs between two sessions that report the same figures (this process's memory, the
+#: clock, the packages, how the run dir was spelled, how many images this session read back).
+_SESSION_KEYS = ("peak_memory", "finished", "versions", "run_dir", "images_resumed")
+
+
+def write_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write one setting's ``results.json``, unless the file there already reports the same
+    figures (a session that scored no new image): then it is left as it is, byte for byte,
+    and returned, so that re-running a finished run changes none of its reported numbers."""
+    import json
+
+    from eval.metrics import json_safe
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    new = json.loads(json.dumps(json_safe(results)))
+    if isinstance(saved, dict) and _figures(saved) == _figures(new):
+        return saved
+    write_json_atomic(path, results)
+    return results
+
+
+def _figures(results: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in results.items() if k not in _SESSION_KEYS}
 
 
 def write_sweep_results(run_dir: Path, results: Mapping[str, Mapping[str, Any]], random: bool):

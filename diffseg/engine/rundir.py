@@ -1,6 +1,7 @@
 """The run directory: what it holds, when it may be resumed, and atomic JSON writes.
 
-``run.json`` records the run's fingerprint (everything that changes the numbers: dataset and
+A session locks the run dir (:mod:`.lock`) before it reads anything there, so two jobs never
+segment into one dir. ``run.json`` records the run's fingerprint (everything that changes the numbers: dataset and
 its limit, evaluation size, backbone, precision, seed, the settings, which outputs are written),
 the W&B run id and one entry per session (start, end, images, time per stage). A start on a run
 dir with another fingerprint is refused, naming what differs.
@@ -8,6 +9,7 @@ dir with another fingerprint is refused, naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shutil
@@ -16,6 +18,7 @@ from typing import Any
 
 from ..errors import ResumeError
 from ..io_utils import atomic_write_text
+from .lock import LOCK_NAME, RunDirLocked, RunLock, while_writing
 
 __all__ = ["RunDir", "diff_fingerprints", "now", "write_json_atomic"]
 
@@ -57,10 +60,37 @@ class RunDir:
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.state: dict[str, Any] = {}
         self.resumed = False
+        self._lock: RunLock | None = None
+        self._made = False  # whether lock() created the folder
 
     @property
     def run_json(self) -> Path:
         return self.path / "run.json"
+
+    def lock(self, shard: int | None = None) -> RunDir:
+        """Take the run dir's OS lock for this session (:mod:`.lock`): ``shard`` for an
+        independent shard job, None for a whole run; raises
+        :class:`~diffseg.engine.lock.RunDirLocked` naming the holder when another job has it."""
+        if self._lock is None:
+            self._made = not self.path.exists()
+            try:
+                self._lock = RunLock(self.path, shard).acquire()
+            except RunDirLocked:
+                self._restore_hydra_files()  # this start rewrote them: the holder's come back
+                raise
+        return self
+
+    def unlock(self) -> None:
+        """Let the lock go; a dir this session made and never claimed goes with it."""
+        if self._lock is None:
+            return
+        if self._made and not self.run_json.exists():
+            for f in self.path.glob(f"{LOCK_NAME}*"):
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if nothing else is there
+        self._lock.release()
+        self._lock = None
 
     def open(self) -> RunDir:
         """Read ``run.json`` if there is one; raise :class:`ResumeError` when it describes
@@ -92,20 +122,22 @@ class RunDir:
         atomic_write_text(self.path / "config_resolved.yaml", config_yaml)
         self.save()
 
-    def save(self) -> None:
-        write_json_atomic(self.run_json, self.state)
+    def save(self, session: dict[str, Any] | None = None) -> None:
+        """Write ``run.json`` (with ``session`` appended). Independent shard jobs share it: each
+        write takes the sessions on disk now, one job at a time, so none is lost."""
+        with while_writing(self.path / f"{LOCK_NAME}.run_json"):
+            try:
+                on_disk = json.loads(self.run_json.read_text(encoding="utf-8")).get("sessions")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                on_disk = None
+            if isinstance(on_disk, list):  # every session this process added is there too
+                self.state["sessions"] = on_disk
+            if session is not None:
+                self.state["sessions"].append(session)
+            write_json_atomic(self.run_json, self.state)
 
     def add_session(self, session: dict[str, Any]) -> None:
-        """Append a session, to the sessions on disk now: independent shard jobs write into one
-        run.json, each reading it again just before its write (a small window remains)."""
-        try:
-            on_disk = json.loads(self.run_json.read_text(encoding="utf-8")).get("sessions")
-        except (OSError, json.JSONDecodeError):
-            on_disk = None
-        if isinstance(on_disk, list) and len(on_disk) > len(self.state["sessions"]):
-            self.state["sessions"] = on_disk
-        self.state["sessions"].append(session)
-        self.save()
+        self.save(session)
 
     # Hydra rewrites .hydra/*.yaml at every start: keep the first start's copy, and put it back
     # when a resume is refused so the run dir still describes its own run.

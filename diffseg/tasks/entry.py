@@ -12,8 +12,10 @@ And one random-weights banner, so that no run on random weights goes unnoticed i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -76,7 +78,8 @@ def _remove_unstarted(folder: Path, up_to: Path | None) -> None:
         return
     up_to = up_to.absolute()
     parent = folder.absolute().parent
-    while parent == up_to or up_to in parent.parents:
+    cwd = Path.cwd().absolute()
+    while (parent == up_to or up_to in parent.parents) and parent != cwd:  # never the cwd
         try:
             parent.rmdir()  # only when empty
         except OSError:
@@ -84,6 +87,12 @@ def _remove_unstarted(folder: Path, up_to: Path | None) -> None:
         if parent == up_to:
             return
         parent = parent.parent
+
+
+def _prints(err: BaseException) -> bool:
+    """Under torchrun a mistake that every process meets (options, data, weights, run dir) is
+    printed once, by the main process; an error in one process's own images by that one."""
+    return int(os.environ.get("RANK", "0")) == 0 or getattr(err, "own_images", False)
 
 
 def run_task(
@@ -99,7 +108,9 @@ def run_task(
         task: the task itself.
         run_dir: the folder Hydra made for this start (its log is there); None without Hydra.
         claimed: whether the task has claimed its output by now: a failure before the claim
-            removes ``run_dir`` (and its parents up to ``clean_up_to`` that are left empty).
+            removes ``run_dir`` (and its parents up to ``clean_up_to`` that are left empty, never
+            the working directory),
+            unless the error says ``keeps_run_dir`` (the folder is another job's).
         interrupted: the message printed on Ctrl-C (how to continue).
     """
     try:
@@ -107,8 +118,12 @@ def run_task(
     except RunError as err:
         message = f"error: {err}"
         log_error_to_files(message)
-        print(message, file=sys.stderr, flush=True)
-        if run_dir is not None and not claimed():
+        if _prints(err):
+            print(message, file=sys.stderr, flush=True)
+        else:  # torchrun stops every process once one exits: the main one speaks first
+            time.sleep(2)
+        keep = getattr(err, "keeps_run_dir", False)  # e.g. the dir is another job's (locked)
+        if run_dir is not None and not keep and not claimed():
             _remove_unstarted(run_dir, clean_up_to)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..engine.config import check_config, plain
 from ..engine.distributed import Dist, from_env, shard
 from ..engine.evaluators import MetricEvaluator, OverlayWriter, PredictionWriter, SegmentCounter
+from ..engine.lock import RunDirLocked
 from ..engine.loop import SettingRun, StageTimes, run_loop
 from ..engine.report import (
     RANDOM_WARNING,
@@ -33,11 +34,12 @@ from ..engine.report import (
     print_summary,
     timing_summary,
     versions,
+    write_results,
     write_sweep_results,
 )
-from ..engine.rundir import RunDir, now, write_json_atomic
+from ..engine.rundir import RunDir, now
 from ..engine.settings import build_settings
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..tracking import NullTracker, coverage_summary
 from .build import (
     build_backbone_from_config,
@@ -99,15 +101,19 @@ def evaluate(
     """
     t_start, started = time.perf_counter(), now()
     prep = _prepare(cfg, Path(run_dir))
-    todo = [] if merge_only else prep.todo()
-    if todo and backbone is None:
-        backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
-    if backbone is not None:
-        prep.random_weights = bool(backbone.is_random)
-        _check_requests(backbone, prep)
-    if prep.random_weights and prep.dist.is_main:
-        _loud_warning()
-    tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    try:  # (the run dir's lock is let go whatever happens)
+        todo = [] if merge_only else prep.todo()
+        if todo and backbone is None:
+            backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
+        if backbone is not None:
+            prep.random_weights = bool(backbone.is_random)
+            _check_requests(backbone, prep)
+        if prep.random_weights and prep.dist.is_main:
+            _loud_warning()
+        tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    except BaseException:
+        prep.rundir.unlock()
+        raise
     try:
         _claim(cfg, prep, backbone)
         stages, done = _segment_all(prep, todo, backbone, tracker, on_batch, (started, t_start))
@@ -121,6 +127,7 @@ def evaluate(
         for run in prep.runs:
             for evaluator in run.evaluators:
                 evaluator.close()
+        prep.rundir.unlock()
     tracker.finish(exit_code=0)
     if results:
         print_summary(results, prep.rundir.path)
@@ -145,13 +152,18 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
     if dist.is_main:
         _warn_about_shapes(dataset)
     random_weights = is_random_config(plain(cfg.backbone))
-    rundir = RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)).open()
-    runs = [
-        _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
-    ]
-    for run in runs:
-        for evaluator in run.evaluators:
-            evaluator.reset()
+    rundir = _lock(RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)), dist)
+    try:  # the lock is let go by evaluate() once prepared; here if preparing fails
+        rundir.open()
+        runs = [
+            _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
+        ]
+        for run in runs:
+            for evaluator in run.evaluators:
+                evaluator.reset()
+    except BaseException:
+        rundir.unlock()
+        raise
     prep = _Prepared(knobs, settings, dataset, ids, rundir, runs, dist, random_weights)
     if rundir.resumed and dist.is_main:
         left = sum(1 for i in ids if not all(i in r.records.done for r in runs))
@@ -159,6 +171,23 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
                  len(ids), left)  # fmt: skip
     dist.barrier()  # every process has read the records before anyone appends to them
     return prep
+
+
+def _lock(rundir: RunDir, dist: Dist) -> RunDir:
+    """This session's lock on the run dir, before anything there is read: torchrun's main
+    process takes it for the whole job and tells the others whether it got it; an independent
+    shard job takes its own shard's."""
+    refusal = None
+    if dist.is_main or not dist.group:
+        try:
+            rundir.lock(dist.rank if dist.world_size > 1 and not dist.group else None)
+        except RunDirLocked as err:
+            refusal = str(err)
+    refusal = dist.broadcast(refusal)
+    if refusal is not None:
+        rundir.unlock()
+        raise RunDirLocked(refusal)
+    return rundir
 
 
 def _check_requests(backbone, prep: _Prepared) -> None:
@@ -191,7 +220,9 @@ def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
     stages = StageTimes()
     try:
         _loop(prep.dataset, todo, backbone, prep.runs, prep.knobs, progress, stages)
-    except BaseException:  # Ctrl-C or an error: the images finished keep their session
+    except BaseException as err:  # Ctrl-C or an error: the images finished keep their session
+        if isinstance(err, RunError):  # this process's own images: it says so itself
+            err.own_images = True
         if progress.done and (prep.dist.is_main or not prep.dist.group):
             session = _session(*clock, progress.done, stages, prep.knobs)
             prep.rundir.add_session({**session, "interrupted": True})
@@ -379,7 +410,7 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
         if rundir.state.get("skipped"):
             res["skipped"] = rundir.state["skipped"]
         res["images_resumed"] = run.records.resumed
-        write_json_atomic(run.setting.out_dir / "results.json", res)
+        res = write_results(run.setting.out_dir / "results.json", res)  # kept if unchanged
         results[run.setting.name or ""] = res
     if len(runs) > 1:
         write_sweep_results(rundir.path, results, random_weights)
@@ -465,6 +496,7 @@ def main(cfg: DictConfig) -> float | None:
         lambda: evaluate(cfg, run_dir),
         run_dir,
         claimed=lambda: (run_dir / "run.json").exists(),
+        clean_up_to=Path.cwd(),
         interrupted=lambda: (
             f"\nInterrupted. Finished images are saved in {run_dir}; to continue, run:\n  "
             + resume_hint(run_dir)
