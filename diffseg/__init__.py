@@ -25,6 +25,7 @@ from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmet
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
     from .methods.diffcut import DiffCut
+    from .methods.seg4diff import Seg4Diff
     from .seediff import SeeDiff
 
 try:
@@ -40,6 +41,7 @@ __all__ = [
     "KMeansSegmentor",
     "SDXLBackbone",
     "SeeDiff",
+    "Seg4Diff",
     "StableDiffusionBackbone",
     "build_backbone",
     "pamr",
@@ -59,6 +61,7 @@ _LAZY = {
     "build_backbone": (".backbones", "build_backbone"),
     "DiffCut": (".methods.diffcut", "DiffCut"),
     "SeeDiff": (".seediff", "SeeDiff"),
+    "Seg4Diff": (".methods.seg4diff", "Seg4Diff"),
 }
 
 
