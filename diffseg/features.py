@@ -94,8 +94,12 @@ class FeatureRequest:
 
     @property
     def pass_key(self) -> tuple:
-        """Requests with the same key share one UNet pass."""
-        return (self.timestep, self.noise_seed, self.prompt, self.noise_step, self.num_steps)
+        """Requests with the same key share one UNet pass (an MM-DiT noise step, when set, is
+        part of it)."""
+        key = (self.timestep, self.noise_seed, self.prompt)
+        if self.noise_step is None and self.num_steps is None:
+            return key
+        return (*key, self.noise_step, self.num_steps)
 
     def is_empty(self) -> bool:
         return (
