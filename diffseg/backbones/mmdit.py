@@ -81,6 +81,9 @@ class MMDiTBackbone:
         num_steps, noise_step: the default noise level (``noise_step``-th timestep from the end
             of a ``num_steps`` schedule).
         attention_dtype: precision of captured probabilities (float32).
+        layer: the block that methods without their own choice read (the DiffSeg / DiffCut
+            rows); None = floor(3/8 x the joint / double block count): 9 on SD3's 24 blocks,
+            Seg4Diff's expert block, and 7 on FLUX's 19 double blocks.
     """
 
     family = "mmdit"
@@ -102,6 +105,7 @@ class MMDiTBackbone:
         name: str | None = None,
         is_random: bool = False,
         attention_dtype: torch.dtype = torch.float32,
+        layer: int | None = None,
         timestep: Any = None,  # UNet backbones' knob; MM-DiTs use noise_step (accepted, unused)
         **_: Any,
     ) -> None:
@@ -120,6 +124,12 @@ class MMDiTBackbone:
         self.check_inputs = True
         self._pipeline = None
         self._conditioning_cache: dict[tuple, Any] = {}
+        joint = len(self.transformer.transformer_blocks)
+        self.default_layer = (3 * joint) // 8 if layer is None else int(layer)
+        if not 0 <= self.default_layer < self.num_blocks:
+            raise ValueError(
+                f"layer={layer} does not exist: the model has {self.num_blocks} blocks"
+            )
         if self.is_random:
             log.warning(
                 "!!! backbone %s has RANDOM WEIGHTS: its features and any segmentation from them "
@@ -180,6 +190,7 @@ class MMDiTBackbone:
             "is_random": self.is_random,
             "image_size": self.image_size,
             "num_blocks": self.num_blocks,
+            "default_layer": self.default_layer,
             "schedule": {
                 "num_steps": self.default_num_steps,
                 "noise_step": self.default_noise_step,
