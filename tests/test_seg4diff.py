@@ -231,3 +231,18 @@ def test_method_config_composes_with_the_sd3_backbone():
         cfg = compose(config_name="config", overrides=["method=seg4diff"])
     assert cfg.backbone.name == "sd3" and cfg.method._target_ == "diffseg.Seg4Diff"
     assert cfg.image_size == 1024
+
+
+def test_readme_seg4diff_snippet_runs_on_tiny_sd3(monkeypatch):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    code = next(b for b in blocks if "Seg4Diff" in b)
+    real = 'build_backbone("sd3", device=device, dtype=torch.float16)'
+    assert real in code
+    code = code.replace(real, 'build_backbone("tiny_sd3", device=device)')
+    scope = {"torch": torch, "device": "cpu"}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["attn"].shape == (1, 4096, 77)
+    assert scope["labels"].shape == (1, 640, 853) and scope["labels"].dtype == torch.int64
