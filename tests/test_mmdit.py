@@ -230,3 +230,29 @@ def test_local_folder_missing_parts_is_one_weights_error(tmp_path):
     (tmp_path / "vae").mkdir()
     with pytest.raises(WeightsNotFoundError, match="transformer/"):
         build_backbone("sd3", path=str(tmp_path))
+
+
+@pytest.mark.parametrize(("name", "registered"), [("tiny_sd3", "sd3"), ("tiny_flux", "flux")])
+def test_local_folder_in_the_diffusers_layout_loads_the_same_model(
+    backbones, tmp_path, name, registered
+):
+    bb = backbones[name]
+    for part in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2",
+                 "tokenizer", "tokenizer_2"):  # fmt: skip
+        getattr(bb, part).save_pretrained(tmp_path / part)
+    loaded = build_backbone(registered, path=str(tmp_path))
+    assert loaded.model_id == str(tmp_path) and not loaded.is_random
+    request = FeatureRequest(joint_blocks=(1,), joint_tokens=(0, 3), noise_seed=1)
+    images = _images(1)
+    want, got = bb.extract(images, request), loaded.extract(images, request)
+    torch.testing.assert_close(got.joint_text[1], want.joint_text[1], rtol=1e-5, atol=1e-7)
+
+
+def test_flux_conditioning_is_t5_at_77_tokens_and_pooled_clip(backbones):
+    flux = backbones["tiny_flux"]
+    embeds, pooled, text_ids = flux.prompt_conditioning("")
+    assert embeds.shape == (1, MAX_SEQUENCE_LENGTH, flux.text_encoder_2.config.d_model)
+    assert pooled.shape == (1, flux.text_encoder.config.hidden_size)
+    assert text_ids.shape == (MAX_SEQUENCE_LENGTH, 3) and torch.all(text_ids == 0)
+    ids = flux.tokenizer_2("", padding="max_length", max_length=MAX_SEQUENCE_LENGTH).input_ids
+    assert ids[:2] == [1, 0]  # </s>, then padding, as T5's tokenizer gives the empty prompt

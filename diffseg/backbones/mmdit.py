@@ -650,7 +650,7 @@ class FluxBackbone(MMDiTBackbone):
     ) -> FluxBackbone:
         """Load FLUX.1 from the hub or a local folder in the diffusers layout."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
         source, local_only = resolve_weights(model_id_or_path, "flux")
         common = {"local_files_only": local_only}
@@ -670,7 +670,8 @@ class FluxBackbone(MMDiTBackbone):
                 source, subfolder="text_encoder_2", torch_dtype=dtype, **common
             )
             tok1 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-            tok2 = T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **common)
+            # the folder's own tokenizer class (T5TokenizerFast on the hub)
+            tok2 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
         move_modules(transformer, te2, device=device, dtype=dtype)
         move_modules(vae, device=device, dtype=vae_dtype or dtype)
         move_modules(te1, device=device, dtype=torch.float32)
