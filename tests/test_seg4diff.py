@@ -246,3 +246,15 @@ def test_readme_seg4diff_snippet_runs_on_tiny_sd3(monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["attn"].shape == (1, 4096, 77)
     assert scope["labels"].shape == (1, 640, 853) and scope["labels"].dtype == torch.int64
+
+
+def test_crop_alignment_drops_the_padded_part_of_the_grid():
+    a = _synthetic(b=1, side=8, seed=2)
+    stretch = Seg4Diff(kl_threshold=1e-9).segment_features(a, (40, 50))
+    crop = Seg4Diff(kl_threshold=1e-9, align="crop").segment_features(a, (40, 50))
+    maps = Seg4Diff(kl_threshold=1e-9).merged_maps(a)[0]
+    up = F.interpolate(maps[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(crop[0], up.argmax(0)[:40, :50])  # padded to 64 x 64, then cropped
+    assert not torch.equal(stretch, crop)
+    same = Seg4Diff(kl_threshold=1e-9, align="crop").segment_features(a, (64, 64))
+    assert torch.equal(same, Seg4Diff(kl_threshold=1e-9).segment_features(a, 64))

@@ -144,6 +144,10 @@ class Seg4Diff:
         num_steps: the schedule's length (None = the backbone's: 28 SD3, 50 FLUX).
         seed: the noise generator's seed (one draw on the model's device, shared by the batch).
         power: the normalisation's exponent (1).
+        align: how the 64 x 64 grid (which covers the zero-padded canvas) meets the output:
+            ``"stretch"`` (as released: stretched over the unpadded (h, w), up to 31 px off at the
+            bottom / right) or ``"crop"`` (upsampled to the padded size, ceil to 32, then the
+            padding cropped: aligned).
     """
 
     name = "seg4diff"
@@ -159,6 +163,7 @@ class Seg4Diff:
         kl_threshold: float | None = None,
         num_steps: int | None = None,
         power: float = 1.0,
+        align: str = "stretch",
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -182,6 +187,9 @@ class Seg4Diff:
             raise ValueError(f"noise_step must be in [1, num_steps], got {noise_step}")
         self.seed = int(seed)
         self.power = float(power)
+        if align not in ("stretch", "crop"):
+            raise ValueError(f"align must be 'stretch' or 'crop', got {align!r}")
+        self.align = align
         self.check_inputs = True
 
     # -- settings ------------------------------------------------------------------------------
@@ -227,6 +235,7 @@ class Seg4Diff:
             "num_steps": self.num_steps,
             "seed": self.seed,
             "power": self.power,
+            "align": self.align,
             "num_tokens": NUM_TOKENS,
         }
 
@@ -270,8 +279,12 @@ class Seg4Diff:
     ) -> Tensor:
         """A (B, N, 77) -> int64 labels (B, h, w): merged maps upsampled bilinearly (half-pixel)
         to ``output_size`` (an int or (h, w)), argmax (ids 0 .. M-1)."""
-        size = _size(output_size)
-        return torch.stack([proposals_to_labels(m, size) for m in self.merged_maps(attn)])
+        h, w = _size(output_size)
+        if self.align == "stretch":
+            return torch.stack([proposals_to_labels(m, (h, w)) for m in self.merged_maps(attn)])
+        padded = (math.ceil(h / PAD_TO) * PAD_TO, math.ceil(w / PAD_TO) * PAD_TO)
+        maps = self.merged_maps(attn)
+        return torch.stack([proposals_to_labels(m, padded)[:h, :w] for m in maps])
 
     def segment(
         self, features: Features, output_size: int | Sequence[int], hints: dict | None = None
