@@ -41,7 +41,7 @@ def _coco(tmp_path: Path) -> list[str]:
 
 
 def test_experiment_mmdit_diffseg_on_tiny_sd3(tmp_path):
-    cfg = _cfg("experiment=mmdit_diffseg", "backbone=tiny_sd3", "resolution=64",
+    cfg = _cfg("experiment=mmdit_diffseg", "backbone=tiny_sd3", "resolution=64", "image_size=512",
                *_coco(tmp_path))  # fmt: skip
     out = evaluate(cfg, tmp_path / "run")
     res = out["results"][""]

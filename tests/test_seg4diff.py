@@ -258,3 +258,35 @@ def test_crop_alignment_drops_the_padded_part_of_the_grid():
     assert not torch.equal(stretch, crop)
     same = Seg4Diff(kl_threshold=1e-9, align="crop").segment_features(a, (64, 64))
     assert torch.equal(same, Seg4Diff(kl_threshold=1e-9).segment_features(a, 64))
+
+
+def test_a_threshold_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, tmp_path):
+    from diffseg.tasks.evaluate import evaluate
+    from diffseg.testing import fakedata
+
+    root = tmp_path / "coco"
+    fakedata.write_cocostuff(root, n=2, size=(40, 52), seed=1)
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def extract(self, images, request):
+            calls.append(images.shape[0])
+            return self.inner.extract(images, request)
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=seg4diff", "backbone=tiny_sd3", f"dataset.root={root}",
+            "dataset.curated=false", "logger=none", "num_workers=0", "resolution=64",
+            "sweep.kl_threshold=[0.035,0.1]"])  # fmt: skip
+    out = evaluate(cfg, tmp_path / "run", backbone=Counting(tiny_sd3))
+    assert calls == [1, 1]  # one transformer pass per image serves both thresholds
+    assert set(out["results"]) == {"kl_threshold=0.035", "kl_threshold=0.1"}
+    res = json.loads((tmp_path / "run" / "kl_threshold=0.1" / "results.json").read_text())
+    assert res["method"]["kl_threshold"] == 0.1 and res["resolution"] == 64
+    assert 0 <= res["miou"] <= 100 and res["complete"]
