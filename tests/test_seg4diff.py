@@ -290,3 +290,20 @@ def test_a_threshold_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, tmp_path):
     res = json.loads((tmp_path / "run" / "kl_threshold=0.1" / "results.json").read_text())
     assert res["method"]["kl_threshold"] == 0.1 and res["resolution"] == 64
     assert 0 <= res["miou"] <= 100 and res["complete"]
+
+
+def test_seg4diff_on_a_unet_backbone_is_a_config_error(tmp_path):
+    from diffseg.errors import ConfigError
+    from diffseg.tasks.evaluate import evaluate
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=seg4diff", "backbone=tiny", "dataset=folder", f"dataset.path={folder}",
+            "logger=none", "image_size=512"])  # fmt: skip
+    with pytest.raises(ConfigError, match="needs an MM-DiT backbone"):
+        evaluate(cfg, tmp_path / "run")
