@@ -260,7 +260,7 @@ def test_crop_alignment_drops_the_padded_part_of_the_grid():
     assert torch.equal(same, Seg4Diff(kl_threshold=1e-9).segment_features(a, 64))
 
 
-def test_a_threshold_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, tmp_path):
+def test_a_threshold_and_layer_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, tmp_path):
     from diffseg.tasks.evaluate import evaluate
     from diffseg.testing import fakedata
 
@@ -283,12 +283,14 @@ def test_a_threshold_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, tmp_path):
         cfg = compose(config_name="config", overrides=[
             "method=seg4diff", "backbone=tiny_sd3", f"dataset.root={root}",
             "dataset.curated=false", "logger=none", "num_workers=0", "resolution=64",
-            "sweep.kl_threshold=[0.035,0.1]"])  # fmt: skip
+            "sweep.kl_threshold=[0.035,0.1]", "+sweep.layer=[8,9]"])  # fmt: skip
     out = evaluate(cfg, tmp_path / "run", backbone=Counting(tiny_sd3))
-    assert calls == [1, 1]  # one transformer pass per image serves both thresholds
-    assert set(out["results"]) == {"kl_threshold=0.035", "kl_threshold=0.1"}
-    res = json.loads((tmp_path / "run" / "kl_threshold=0.1" / "results.json").read_text())
-    assert res["method"]["kl_threshold"] == 0.1 and res["resolution"] == 64
+    assert calls == [1, 1]  # one transformer pass per image serves every setting
+    assert len(out["results"]) == 4
+    name = next(k for k in out["results"] if "kl_threshold=0.1" in k and "layer=9" in k)
+    res = json.loads((tmp_path / "run" / name / "results.json").read_text())
+    assert res["method"]["kl_threshold"] == 0.1 and res["method"]["layer"] == 9
+    assert res["resolution"] == 64
     assert 0 <= res["miou"] <= 100 and res["complete"]
 
 
