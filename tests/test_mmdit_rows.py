@@ -51,7 +51,7 @@ def test_experiment_mmdit_diffseg_on_tiny_sd3(tmp_path):
 
 def test_experiment_mmdit_diffcut_on_tiny_flux(tmp_path):
     cfg = _cfg("experiment=mmdit_diffcut", "backbone=tiny_flux", "image_size=512",
-               "method.refine=false", *_coco(tmp_path))  # fmt: skip
+               "method.refine=false", "method.partial_eigh=true", *_coco(tmp_path))  # fmt: skip
     out = evaluate(cfg, tmp_path / "run")
     res = out["results"][""]
     assert out["random_weights"] and res["method"]["layer"] == "block.0"
