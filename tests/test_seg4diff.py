@@ -295,10 +295,10 @@ def test_a_threshold_and_layer_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, 
 
 
 def test_seg4diff_on_a_unet_backbone_is_a_config_error(tmp_path):
+    from PIL import Image
+
     from diffseg.errors import ConfigError
     from diffseg.tasks.evaluate import evaluate
-
-    from PIL import Image
 
     folder = tmp_path / "photos"
     folder.mkdir()
