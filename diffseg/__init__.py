@@ -28,6 +28,7 @@ silence_known_notices()  # drops transformers' torchvision notice only (see diff
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
     from .methods.diffcut import DiffCut
+    from .methods.seg4diff import Seg4Diff
     from .seediff import SeeDiff
 
 try:
@@ -43,6 +44,7 @@ __all__ = [
     "KMeansSegmentor",
     "SDXLBackbone",
     "SeeDiff",
+    "Seg4Diff",
     "StableDiffusionBackbone",
     "build_backbone",
     "pamr",
@@ -62,6 +64,7 @@ _LAZY = {
     "build_backbone": (".backbones", "build_backbone"),
     "DiffCut": (".methods.diffcut", "DiffCut"),
     "SeeDiff": (".seediff", "SeeDiff"),
+    "Seg4Diff": (".methods.seg4diff", "Seg4Diff"),
 }
 
 

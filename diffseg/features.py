@@ -73,6 +73,16 @@ class FeatureRequest:
             on the model's device seeded with it, one draw shared by the batch, added with the
             scheduler's ``add_noise`` at ``timestep`` (DiffCut: 42).
         prompt: the text conditioning (the empty prompt for zero-shot segmentation).
+        joint_blocks: MM-DiT backbones only: blocks whose joint attention is recorded (global
+            numbers; FLUX: double blocks, then single blocks).
+        joint_tokens: text positions whose image -> text columns are kept
+            (:attr:`Features.joint_text`).
+        joint_image: keep the image -> image block (:attr:`Features.joint_image`).
+        noise_step, num_steps: MM-DiT backbones only: the flow-matching noise level, the
+            ``noise_step``-th timestep from the end of the backbone scheduler's ``num_steps``-step
+            schedule (None: the backbone's defaults; SD3: 8 of 28). ``timestep`` wins when set.
+        For MM-DiT backbones, ``modules`` name blocks (``"block.9"``) whose image-token outputs
+        are captured.
     """
 
     self_attention: str | tuple[int, ...] | None = None
@@ -81,6 +91,11 @@ class FeatureRequest:
     timestep: int | None = None
     noise_seed: int | None = None
     prompt: str = ""
+    joint_blocks: tuple[int, ...] = ()
+    joint_tokens: tuple[int, ...] = ()
+    joint_image: bool = False
+    noise_step: int | None = None
+    num_steps: int | None = None
 
     def __post_init__(self) -> None:
         sa = self.self_attention
@@ -90,14 +105,25 @@ class FeatureRequest:
             object.__setattr__(self, "self_attention", tuple(sorted(set(sa), reverse=True)))
         object.__setattr__(self, "cross_attention", tuple(sorted(set(self.cross_attention))))
         object.__setattr__(self, "modules", tuple(dict.fromkeys(self.modules)))
+        object.__setattr__(self, "joint_blocks", tuple(sorted(set(self.joint_blocks))))
+        object.__setattr__(self, "joint_tokens", tuple(sorted(set(self.joint_tokens))))
 
     @property
-    def pass_key(self) -> tuple[int | None, int | None, str]:
-        """Requests with the same key share one UNet pass."""
-        return (self.timestep, self.noise_seed, self.prompt)
+    def pass_key(self) -> tuple:
+        """Requests with the same key share one UNet pass (an MM-DiT noise step, when set, is
+        part of it)."""
+        key = (self.timestep, self.noise_seed, self.prompt)
+        if self.noise_step is None and self.num_steps is None:
+            return key
+        return (*key, self.noise_step, self.num_steps)
 
     def is_empty(self) -> bool:
-        return self.self_attention is None and not self.cross_attention and not self.modules
+        return (
+            self.self_attention is None
+            and not self.cross_attention
+            and not self.modules
+            and not self.joint_blocks
+        )
 
 
 def _union_self_attention(a: Any, b: Any) -> Any:
@@ -122,6 +148,9 @@ def merge_requests(requests: Iterable[FeatureRequest]) -> list[FeatureRequest]:
             self_attention=_union_self_attention(have.self_attention, req.self_attention),
             cross_attention=have.cross_attention + req.cross_attention,
             modules=have.modules + req.modules,
+            joint_blocks=have.joint_blocks + req.joint_blocks,
+            joint_tokens=have.joint_tokens + req.joint_tokens,
+            joint_image=have.joint_image or req.joint_image,
         )
     return list(merged.values())
 
@@ -143,6 +172,12 @@ class Features:
             as PAMR look at it).
         timestep, noise_seed, prompt: what the pass used.
         layers: ``{"self": {grid: [layer names]}, "modules": {alias: module name}}``.
+        joint_text: MM-DiT: ``{block: (B, N_img, T)}`` float32, the image -> text probabilities
+            (softmax over all image + text keys, mean over heads) of the tokens ``joint_tokens``;
+            image token ``n`` is grid cell ``(n // side, n % side)``.
+        joint_image: MM-DiT: ``{block: (B, N_img, N_img)}`` float32, the image -> image block of
+            the same probabilities (rows sum to less than 1).
+        sigma: MM-DiT: the flow-matching noise level of the pass (x_t = sigma e + (1 - sigma) z).
     """
 
     self_attention: dict[int, Tensor] = field(default_factory=dict)
@@ -154,10 +189,16 @@ class Features:
     noise_seed: int | None = None
     prompt: str = ""
     layers: dict[str, Any] = field(default_factory=dict)
+    joint_text: dict[int, Tensor] = field(default_factory=dict)
+    joint_image: dict[int, Tensor] = field(default_factory=dict)
+    joint_tokens: tuple[int, ...] = ()
+    sigma: float | None = None
 
     @property
     def batch_size(self) -> int:
-        for group in (self.self_attention, self.cross_attention, self.modules):
+        groups = (self.self_attention, self.cross_attention, self.modules, self.joint_text,
+                  self.joint_image)  # fmt: skip
+        for group in groups:
             for value in group.values():
                 return int(value.shape[0])
         return 0 if self.images is None else int(self.images.shape[0])
@@ -176,6 +217,8 @@ class Features:
             self_attention={g: pick(m) for g, m in self.self_attention.items()},
             cross_attention={g: pick(m) for g, m in self.cross_attention.items()},
             modules={k: pick(m) for k, m in self.modules.items()},
+            joint_text={k: pick(m) for k, m in self.joint_text.items()},
+            joint_image={k: pick(m) for k, m in self.joint_image.items()},
             images=None if self.images is None else pick(self.images),
         )
 

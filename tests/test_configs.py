@@ -122,6 +122,10 @@ def synthetic_features(request: FeatureRequest, labels: torch.Tensor, maps) -> F
     }
     tokens = tuple(request.cross_attention)
     cross = {r: torch.rand(batch, r * r, len(tokens), generator=g) for r in (32, 16)}
+    # MM-DiT requests: image -> text probabilities of the blocks, image tokens on a 16 x 16 grid
+    joint = {k: torch.rand(batch, 256, len(request.joint_tokens), generator=g) / 500
+             for k in request.joint_blocks}  # fmt: skip
+    blocks = {k: torch.rand(batch, 256, 256, generator=g) / 300 for k in request.joint_blocks}
     return Features(
         self_attention=self_attention,
         cross_attention=cross if tokens else {},
@@ -131,6 +135,9 @@ def synthetic_features(request: FeatureRequest, labels: torch.Tensor, maps) -> F
         timestep=request.timestep,
         noise_seed=request.noise_seed,
         prompt=request.prompt,
+        joint_text=joint,
+        joint_image=blocks if request.joint_image else {},
+        joint_tokens=request.joint_tokens,
     )
 
 

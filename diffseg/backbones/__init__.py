@@ -22,6 +22,7 @@ import torch
 
 from .base import DEFAULT_TIMESTEP, DiffusionBackbone, validate_images
 from .configs import config_family, config_names, model_configs, tiny_clip_tokenizer
+from .mmdit import FluxBackbone, MMDiTBackbone, SD3Backbone
 from .sd import DEFAULT_MODEL_ID, StableDiffusionBackbone
 from .sdxl import SDXLBackbone
 from .weights import WeightsNotFoundError, resolve_weights
@@ -32,6 +33,9 @@ __all__ = [
     "DEFAULT_TIMESTEP",
     "BackboneSpec",
     "DiffusionBackbone",
+    "FluxBackbone",
+    "MMDiTBackbone",
+    "SD3Backbone",
     "SDXLBackbone",
     "StableDiffusionBackbone",
     "WeightsNotFoundError",
@@ -48,7 +52,7 @@ __all__ = [
 class BackboneSpec:
     """A named backbone: its family, where its weights come from, and its native input side."""
 
-    family: str  # "sd" or "sdxl"
+    family: str  # "sd", "sdxl" (UNets), "sd3" or "flux" (MM-DiTs)
     model_id: str | None  # hub id; None for random weights
     image_size: int
     random_config: str | None = None  # a config of diffseg.backbones.configs (random weights)
@@ -68,9 +72,26 @@ BACKBONES: dict[str, BackboneSpec] = {
     "tiny_sdxl": BackboneSpec("sdxl", None, 1024, "tiny_sdxl", "random weights: tests"),
     "sd14_random": BackboneSpec("sd", None, 512, "sd14", "random weights: compute benchmarks"),
     "sdxl_random": BackboneSpec("sdxl", None, 1024, "sdxl", "random weights: compute benchmarks"),
+    # MM-DiTs (transformer backbones; Seg4Diff's family)
+    "sd3": BackboneSpec(
+        "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024, note="Seg4Diff's backbone"
+    ),
+    "sd35": BackboneSpec("sd3", "stabilityai/stable-diffusion-3.5-medium", 1024),
+    "flux": BackboneSpec("flux", "black-forest-labs/FLUX.1-dev", 1024),
+    "flux_schnell": BackboneSpec("flux", "black-forest-labs/FLUX.1-schnell", 1024),
+    "tiny_sd3": BackboneSpec("sd3", None, 1024, "tiny_sd3", "random weights: tests"),
+    "tiny_sd35": BackboneSpec("sd3", None, 1024, "tiny_sd35", "random weights: tests"),
+    "tiny_flux": BackboneSpec("flux", None, 1024, "tiny_flux", "random weights: tests"),
+    "sd3_random": BackboneSpec("sd3", None, 1024, "sd3", "random weights: compute benchmarks"),
+    "flux_random": BackboneSpec("flux", None, 1024, "flux", "random weights: compute benchmarks"),
 }
 
-_FAMILIES = {"sd": StableDiffusionBackbone, "sdxl": SDXLBackbone}
+_FAMILIES = {
+    "sd": StableDiffusionBackbone,
+    "sdxl": SDXLBackbone,
+    "sd3": SD3Backbone,
+    "flux": FluxBackbone,
+}
 
 
 def build_backbone(

@@ -307,6 +307,11 @@ class DiffusionBackbone:
         raise NotImplementedError
 
     def _capture_for(self, request: FeatureRequest, image_size: int) -> FeatureCapture:
+        if request.joint_blocks:
+            raise ValueError(
+                f"{self.name} is a UNet: joint attention needs an MM-DiT backbone "
+                "(backbone=sd3, sd35, flux, flux_schnell; tiny_sd3 offline)"
+            )
         layers = self.expected_layers(image_size)
         if request.self_attention == ALL:
             self_layers = [n for names in layers.values() for n in names]

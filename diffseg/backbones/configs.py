@@ -186,8 +186,12 @@ def config_names() -> list[str]:
 
 
 def config_family(name: str) -> str:
-    """``"sdxl"`` for a config with two text encoders, else ``"sd"``."""
-    return "sdxl" if "text_encoder_2" in model_configs(name) else "sd"
+    """``"sd3"`` / ``"flux"`` for an MM-DiT config, ``"sdxl"`` for a UNet config with two text
+    encoders, else ``"sd"``."""
+    configs = _CONFIGS.get(name) or model_configs(name)
+    if "family" in configs:
+        return configs["family"]
+    return "sdxl" if "text_encoder_2" in configs else "sd"
 
 
 def model_configs(name: str) -> dict[str, dict[str, Any]]:
@@ -199,7 +203,9 @@ def model_configs(name: str) -> dict[str, dict[str, Any]]:
     """
     if name not in _CONFIGS:
         raise ValueError(f"unknown backbone config {name!r}; choose one of {config_names()}")
-    return {part: dict(cfg) for part, cfg in _CONFIGS[name].items()}
+    return {
+        part: dict(cfg) if isinstance(cfg, dict) else cfg for part, cfg in _CONFIGS[name].items()
+    }
 
 
 def tiny_clip_tokenizer(directory: str | os.PathLike | None = None):
@@ -238,3 +244,159 @@ def tiny_clip_tokenizer(directory: str | os.PathLike | None = None):
         return write(folder)
     with tempfile.TemporaryDirectory(prefix="diffseg-tokenizer-") as tmp:
         return write(Path(tmp))
+
+
+# --------------------------------------------------------------------------------------------
+# MM-DiT models (transformer backbones): SD3 / SD3.5 (joint blocks, image tokens first) and FLUX
+# (double + single blocks, RoPE, text tokens first). Each config gives ``transformer``, ``vae``,
+# ``scheduler`` and its text encoders; ``family`` says which backbone class builds it.
+
+# The SD3 VAE: SD v1's layout with 16 latent channels, a shift, and no quant convolutions.
+_SD3_VAE = dict(
+    _SD_V1_VAE,
+    latent_channels=16,
+    sample_size=1024,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+_FLUX_VAE = dict(_SD3_VAE, shift_factor=0.1159, scaling_factor=0.3611)
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json: 24 joint blocks of 24
+# heads x 64; at 1024 px the latent is 128 x 128, patches of 2: 64 x 64 image tokens.
+_SD3_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+# SD3.5-medium: qk RMS norms and a second, image-only attention in blocks 0..12.
+_SD35_TRANSFORMER = dict(
+    _SD3_TRANSFORMER,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+# CLIP ViT-L/14 and OpenCLIP bigG/14 text towers with their projections (SD3 pools both).
+_SD3_TEXT = dict(_SD_V1_TEXT, hidden_act="quick_gelu")
+_SD3_TEXT_2 = dict(_SDXL_TEXT_2)
+_SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+# black-forest-labs/FLUX.1-dev: 19 double + 38 single blocks of 24 heads x 128, 2x2-packed
+# latent (64 channels), RoPE over (t, row, col), guidance embedding; T5-XXL text.
+_FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+_FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "is_encoder_decoder": False,
+}
+
+# Tiny MM-DiTs: the real token layouts at 1024 px (64 x 64 image tokens, 77 CLIP + 77 zero-T5
+# text tokens for SD3, 77 T5 tokens first for FLUX), a few channels, 2 heads (head mean).
+_TINY_SD3_TEXT = dict(_TINY_TEXT)
+_TINY_SD3_TEXT_2 = dict(_TINY_TEXT_2)
+_TINY_SD3_TRANSFORMER = dict(
+    _SD3_TRANSFORMER,
+    num_layers=10,  # Seg4Diff reads block 9
+    attention_head_dim=8,
+    num_attention_heads=2,
+    # wider than the two CLIPs (32 + 32): the CLIP states are zero-padded to it, as on SD3
+    joint_attention_dim=96,
+    caption_projection_dim=16,
+    pooled_projection_dim=_TINY_TEXT["projection_dim"] + _TINY_TEXT_2["projection_dim"],
+    pos_embed_max_size=64,
+)
+_TINY_SD35_TRANSFORMER = dict(
+    _TINY_SD3_TRANSFORMER, dual_attention_layers=tuple(range(5)), qk_norm="rms_norm"
+)
+_TINY_SD3_VAE = dict(
+    _SD3_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4
+)
+_TINY_FLUX_VAE = dict(_TINY_SD3_VAE, shift_factor=0.1159, scaling_factor=0.3611)
+_TINY_T5 = dict(_T5_XXL, vocab_size=64, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2)
+_TINY_FLUX_TRANSFORMER = dict(
+    _FLUX_TRANSFORMER,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=_TINY_T5["d_model"],
+    pooled_projection_dim=_TINY_TEXT["hidden_size"],  # FLUX pools CLIP-L's pooler output
+    axes_dims_rope=(4, 6, 6),
+)
+
+_MMDIT_CONFIGS = {
+    "sd3": {
+        "family": "sd3",
+        "transformer": _SD3_TRANSFORMER,
+        "vae": _SD3_VAE,
+        "scheduler": _SD3_SCHEDULER,
+        "text_encoder": _SD3_TEXT,
+        "text_encoder_2": _SD3_TEXT_2,
+    },
+    "tiny_sd3": {
+        "family": "sd3",
+        "transformer": _TINY_SD3_TRANSFORMER,
+        "vae": _TINY_SD3_VAE,
+        "scheduler": _SD3_SCHEDULER,
+        "text_encoder": _TINY_SD3_TEXT,
+        "text_encoder_2": _TINY_SD3_TEXT_2,
+    },
+    "tiny_sd35": {
+        "family": "sd3",
+        "transformer": _TINY_SD35_TRANSFORMER,
+        "vae": _TINY_SD3_VAE,
+        "scheduler": _SD3_SCHEDULER,
+        "text_encoder": _TINY_SD3_TEXT,
+        "text_encoder_2": _TINY_SD3_TEXT_2,
+    },
+    "flux": {
+        "family": "flux",
+        "transformer": _FLUX_TRANSFORMER,
+        "vae": _FLUX_VAE,
+        "scheduler": _FLUX_SCHEDULER,
+        "text_encoder": _SD_V1_TEXT,
+        "text_encoder_2": _T5_XXL,
+    },
+    "tiny_flux": {
+        "family": "flux",
+        "transformer": _TINY_FLUX_TRANSFORMER,
+        "vae": _TINY_FLUX_VAE,
+        "scheduler": _FLUX_SCHEDULER,
+        "text_encoder": _TINY_TEXT,
+        "text_encoder_2": _TINY_T5,
+    },
+}
+_CONFIGS.update(_MMDIT_CONFIGS)

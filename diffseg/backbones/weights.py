@@ -53,6 +53,25 @@ SUBFOLDERS = {
         "tokenizer": None,
         "tokenizer_2": None,
     },
+    # MM-DiTs (SD3 / SD3.5 loaded without T5; FLUX with T5 as text_encoder_2)
+    "sd3": {
+        "vae": "config.json",
+        "transformer": "config.json",
+        "scheduler": "scheduler_config.json",
+        "text_encoder": "config.json",
+        "text_encoder_2": "config.json",
+        "tokenizer": None,
+        "tokenizer_2": None,
+    },
+    "flux": {
+        "vae": "config.json",
+        "transformer": "config.json",
+        "scheduler": "scheduler_config.json",
+        "text_encoder": "config.json",
+        "text_encoder_2": "config.json",
+        "tokenizer": None,
+        "tokenizer_2": None,
+    },
 }
 
 
@@ -123,7 +142,8 @@ def resolve_weights(model_id_or_path: str | os.PathLike, family: str = "sd") -> 
     try:
         from huggingface_hub import hf_hub_download
 
-        hf_hub_download(source, "unet/config.json", local_files_only=offline)
+        denoiser = "transformer" if "transformer" in SUBFOLDERS[family] else "unet"
+        hf_hub_download(source, f"{denoiser}/config.json", local_files_only=offline)
     except Exception as err:  # offline miss, gated repo, unknown id, no network, bad id
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         where = (

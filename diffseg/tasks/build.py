@@ -37,8 +37,10 @@ def native_image_size(bb_cfg: dict[str, Any]) -> int:
     from ..backbones.configs import model_configs
 
     if bb_cfg.get("random_config"):
-        unet = model_configs(bb_cfg["random_config"])["unet"]
-        return int(unet["sample_size"]) * 8
+        configs = model_configs(bb_cfg["random_config"])
+        if "transformer" in configs:  # MM-DiTs: the VAE's native side
+            return int(configs["vae"]["sample_size"])
+        return int(configs["unet"]["sample_size"]) * 8
     name = bb_cfg.get("name")
     if name not in BACKBONES:
         raise ConfigError(f"backbone.name={name!r} is unknown; registered: {', '.join(BACKBONES)}")
