@@ -6,6 +6,7 @@ The public API (see README.md):
   Vega), :func:`build_backbone` (by registered name); images -> :class:`Features`;
 - methods: :class:`DiffSeg`, the K-Means baselines (:class:`KMeansSegmentor`, ``kmeans_c``,
   ``kmeans_s``), :class:`DiffCut` (and :func:`pamr`, its refinement);
+- one call from a photo to segments: :class:`Segmenter` (``diffseg/predictor.py``);
 - generation: :class:`SeeDiff` (image / mask pairs from Stable Diffusion);
 - ``diffseg.data``: the benchmark datasets and image folders; ``eval.metrics``: the protocol.
 """
@@ -25,6 +26,7 @@ from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmet
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
     from .methods.diffcut import DiffCut
+    from .predictor import Segmenter
     from .seediff import SeeDiff
 
 try:
@@ -40,6 +42,7 @@ __all__ = [
     "KMeansSegmentor",
     "SDXLBackbone",
     "SeeDiff",
+    "Segmenter",
     "StableDiffusionBackbone",
     "build_backbone",
     "pamr",
@@ -59,6 +62,7 @@ _LAZY = {
     "build_backbone": (".backbones", "build_backbone"),
     "DiffCut": (".methods.diffcut", "DiffCut"),
     "SeeDiff": (".seediff", "SeeDiff"),
+    "Segmenter": (".predictor", "Segmenter"),
 }
 
 
