@@ -307,15 +307,15 @@ class Segmenter:
         model: Any = None,
         config_dir: str | Path | None = None,
     ) -> None:
-        from .data.transforms import check_crop
         from .engine.config import check_config, plain
         from .engine.settings import instantiate_method
         from .tasks.build import build_backbone_from_config, native_image_size
 
-        try:
-            self.crop = check_crop(crop)
-        except ValueError as err:
-            raise ConfigError(str(err).replace("dataset.crop=", "crop=")) from None
+        from .data.transforms import CROP_MODES
+
+        if crop not in CROP_MODES:
+            raise ConfigError(f"crop={crop!r} is unknown; choose one of {', '.join(CROP_MODES)}")
+        self.crop = crop
         extra = [f"device={device}"] + ([f"dtype={dtype}"] if dtype else [])
         self.cfg = compose_config(method, backbone, [*extra, *overrides], config_dir)
         self.name = method
