@@ -29,7 +29,7 @@ def test_install_takes_an_index_for_torch_only():
     assert "--index-url" not in _torch_line(default)
     cpu = _make("-n", "-B", "install", "TORCH_INDEX=https://download.pytorch.org/whl/cpu").stdout
     assert '--index-url "https://download.pytorch.org/whl/cpu"' in _torch_line(cpu)
-    assert all("--index-url" not in line for line in cpu.splitlines() if '-e ".[test]"' in line)
+    assert all("--index-url" not in line for line in cpu.splitlines() if '-e ".[test,app]"' in line)
 
 
 def test_clean_keeps_results():
