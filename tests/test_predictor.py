@@ -249,3 +249,22 @@ def test_missing_weights_is_run_py_s_error(monkeypatch, tmp_path):
         build_backbone_from_config(plain(cfg.backbone), check_config(cfg))
     assert str(ours.value) == str(theirs.value)
     assert "backbone=sd14" in str(ours.value) and "backbone=tiny" in str(ours.value)
+
+
+def test_readme_first_screen_example_runs(seg, tmp_path, monkeypatch):
+    """The README's first Python block, on the tiny model instead of SD v1.4."""
+    import re
+
+    text = (CONFIG_DIR.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "Segmenter" in b)
+    real = 'Segmenter("diffseg")'
+    assert real in code, "the README's first example changed; update this test"
+    code = code.replace(real, "Segmenter('diffseg', 'tiny', overrides=SMALL, model=model)")
+    code = code.replace('"assets/samples/', f'"{CONFIG_DIR.parent / "assets" / "samples"}/')
+    monkeypatch.chdir(tmp_path)
+    scope = {"SMALL": SMALL, "model": seg.model}
+    exec(compile(code, "README.md", "exec"), scope)
+    result = scope["result"]
+    assert result.labels.shape == (400, 600) and result.random_weights is True
+    with Image.open(tmp_path / "coffee_overlay.png") as img:
+        assert img.size[0] == 3 * 600 + 8 and img.size[1] > 400  # with the caption strip
