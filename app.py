@@ -99,6 +99,16 @@ def defaults_for(method: str, backbone: str, overrides: list[str]) -> tuple[dict
     return params, is_random_config(plain(cfg.backbone))
 
 
+def _hint_defaults(method: str) -> dict[str, Any]:
+    """Starting values of the controls that feed a method's hints (K-Means-S: its clusters)."""
+    return {"num_clusters": 6} if method == "kmeans_s" else {}
+
+
+def _shown(value: Any) -> bool:
+    """A control is shown for a parameter with one value (not a list, e.g. per-iteration)."""
+    return value is not None and not isinstance(value, list)
+
+
 def params_from_controls(seg: Segmenter, values: dict[str, Any]) -> dict[str, Any]:
     """The per-call parameters of ``seg`` from the page's controls."""
     known = seg.parameters()
@@ -151,7 +161,8 @@ def build_app(
     models = Models(overrides)
     methods = available_methods()
     samples = sorted(p.name for p in SAMPLES.glob("*.jpg"))
-    random_start = backbone in ("tiny", "tiny_sdxl") or backbone.endswith("_random")
+    start, random_start = defaults_for(method, backbone, overrides)
+    start = {**_hint_defaults(method), **start}
 
     with gr.Blocks(title="diffseg: training-free segmentation") as page:
         gr.Markdown(
@@ -182,10 +193,15 @@ def build_app(
                 crop = gr.Radio(["center", "pad", "resize"], value="center", label="crop")
                 controls = {}
                 for key, label, kind, lo, hi, step in CONTROLS:
+                    value, shown = start.get(key), _shown(start.get(key))
                     if kind == "slider":
-                        controls[key] = gr.Slider(lo, hi, step=step, label=label, elem_id=key)
+                        controls[key] = gr.Slider(
+                            lo, hi, value=value, step=step, label=label, elem_id=key, visible=shown
+                        )
                     else:
-                        controls[key] = gr.Checkbox(label=label, elem_id=key)
+                        controls[key] = gr.Checkbox(
+                            value=bool(value), label=label, elem_id=key, visible=shown
+                        )
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=2):
                 with gr.Tab("Segment"):
@@ -212,11 +228,11 @@ def build_app(
                 params, random = defaults_for(method_name, backbone_name, overrides)
             except Exception as err:  # noqa: BLE001 - a message on the page, never a traceback
                 return [gr.update() for _ in keys] + [error_text(err), gr.update()]
-            hints = {"num_clusters": 6} if method_name == "kmeans_s" else {}
+            params = {**_hint_defaults(method_name), **params}
             updates = []
             for key in keys:
-                value = params.get(key, hints.get(key))
-                shown = value is not None and not isinstance(value, list)
+                value = params.get(key)
+                shown = _shown(value)
                 updates.append(
                     gr.update(visible=shown, value=value) if shown else gr.update(visible=False)
                 )
@@ -268,7 +284,7 @@ def build_app(
                 source = photo_source(upload_path, sample_name)
                 results = [r[0] for r in segment_together([source], jobs)]
             except Exception as err:  # noqa: BLE001
-                return [], error_text(err)
+                return [], "", error_text(err)
             shared = len({(id(s.model), s.image_size, s.crop) for s in segs})
             rows = [
                 f"| {r.method} | {r.num_segments} | {r.timings['method'] * 1000:.0f} ms |"
@@ -285,17 +301,16 @@ def build_app(
             items = [
                 (np.asarray(r.overlay()), f"{r.method}: {r.num_segments} segments") for r in results
             ]
-            return items, text
+            return items, text, ""
 
         inputs = [upload, sample, method, bb, crop, *controls.values()]
         for trigger in (method.change, bb.change):
             trigger(refresh, [method, bb], [*controls.values(), status, banner])
-        page.load(refresh, [method, bb], [*controls.values(), status, banner])
         run.click(segment, inputs, [overlay, labels, info, download, status, banner])
         compare.click(
             compare_methods,
             [upload, sample, chosen, bb, crop, *controls.values()],
-            [gallery, table],
+            [gallery, table, status],
         )
     return page
 

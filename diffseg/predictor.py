@@ -20,6 +20,7 @@ that ``run.py dataset=folder`` writes for the same photo and settings.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ __all__ = [
     "segment_together",
 ]
 
+#: Hydra's composition is process-global: one composition at a time (a page's threads).
+_COMPOSE_LOCK = threading.Lock()
 #: The repository's Hydra configs (the same ones ``run.py`` composes).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -92,10 +95,11 @@ def compose_config(
         )
     args = ["dataset=folder", "dataset.path=.", "logger=none", f"method={method}"]
     args += [f"backbone={backbone}"] if backbone else []
-    GlobalHydra.instance().clear()  # a caller inside another Hydra context must not break us
     try:
-        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
-            return compose(config_name="config", overrides=[*args, *overrides])
+        with _COMPOSE_LOCK:
+            GlobalHydra.instance().clear()  # a caller's own Hydra context must not break us
+            with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+                return compose(config_name="config", overrides=[*args, *overrides])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
@@ -307,11 +311,10 @@ class Segmenter:
         model: Any = None,
         config_dir: str | Path | None = None,
     ) -> None:
+        from .data.transforms import CROP_MODES
         from .engine.config import check_config, plain
         from .engine.settings import instantiate_method
         from .tasks.build import build_backbone_from_config, native_image_size
-
-        from .data.transforms import CROP_MODES
 
         if crop not in CROP_MODES:
             raise ConfigError(f"crop={crop!r} is unknown; choose one of {', '.join(CROP_MODES)}")

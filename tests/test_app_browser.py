@@ -114,11 +114,16 @@ def _src(page) -> str | None:
 
 def _message(page) -> str:
     """The page's message line (empty when all went well), once no progress is shown."""
-    text = page.locator("#status").inner_text()
-    while "%" in text or "segmenting" in text or "loading" in text:
-        time.sleep(0.2)
+    tracker = page.locator("#status [data-testid='status-tracker']")
+    busy = ("%", "processing", "segmenting", "loading", "queue")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         text = page.locator("#status").inner_text()
-    return text.strip()
+        hidden = not tracker.count() or "hide" in (tracker.first.get_attribute("class") or "")
+        if hidden and not any(word in text for word in busy):
+            return text.strip()
+        time.sleep(0.2)
+    raise AssertionError(f"the page is still busy after 120 s: {text!r}")
 
 
 def _segment(page) -> str:
@@ -138,7 +143,7 @@ def test_page_segments_a_photo_and_survives_a_corrupt_upload(server, tmp_path):
     url, log = server
     executable = _chromium()
     _need("playwright is not installed (pip install -e .[app])", _has("playwright"))
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     sample = SAMPLES / "chelsea.jpg"
     photo = np.asarray(Image.open(sample).convert("RGB"))
@@ -157,6 +162,9 @@ def test_page_segments_a_photo_and_survives_a_corrupt_upload(server, tmp_path):
             number = page.locator("#num_clusters input[type=number]")
             number.fill("5")
             number.press("Enter")
+            number.blur()
+            expect(page.locator("#num_clusters input[type=range]")).to_have_value("5")
+            time.sleep(0.5)  # the value reaches the server with the next event
             assert _segment(page) == ""
             overlay = _image_at(page, "#overlay")
             assert overlay.shape[1] > 2 * photo.shape[1]  # photo | segments | edges, side by side
@@ -180,6 +188,21 @@ def test_page_segments_a_photo_and_survives_a_corrupt_upload(server, tmp_path):
             assert shot.stat().st_size > 10_000
             if os.environ.get("DIFFSEG_APP_SCREENSHOT"):
                 shutil.copy(shot, os.environ["DIFFSEG_APP_SCREENSHOT"])
+
+            # compare: two methods side by side from one feature pass
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare").click()
+            page.locator("#gallery img").nth(1).wait_for(timeout=120_000)
+            info = page.locator("#compare_info")
+            info.get_by_text("1 feature pass group(s) for 2 methods").wait_for(timeout=30_000)
+            assert "kmeans_c" in info.inner_text() and "diffseg" in info.inner_text()
+
+            # a backbone without weights (offline): the weights error is a message on the page
+            page.get_by_role("tab", name="Segment").click()
+            page.locator("#backbone input").click()
+            page.get_by_role("option", name="sd14", exact=True).click()
+            status = _segment(page)
+            assert "error:" in status and "backbone=sd14" in status, status
         finally:
             browser.close()
     assert "Traceback" not in log.read_text() or "unexpected error" in log.read_text()
