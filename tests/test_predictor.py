@@ -221,6 +221,10 @@ def test_methods_come_from_the_configs(seg, tmp_path, photo_file):
         Segmenter("nope", "tiny", model=seg.model)
     with pytest.raises(ConfigError, match="no parameter 'kl'.*kl_threshold"):
         seg(photo_file, kl=1.0)
+    with pytest.raises(ConfigError, match="backbone='sd99' is unknown; choose one of"):
+        Segmenter("diffseg", "sd99")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        Segmenter("diffseg", "tiny", overrides=["no_such_key=1"], model=seg.model)
 
 
 def test_diffcut_and_kmeans_s_run_with_their_protocols(seg, photo_file):
