@@ -8,6 +8,10 @@ Outputs say where they come from: the writers take optional PNG text metadata (k
 ``diffseg:<name>``, e.g. ``diffseg:random_weights=true``, ``diffseg:method``,
 ``diffseg:backbone``; read back with ``PIL.Image.open(path).text``), and an overlay made with
 random weights carries a caption strip saying that its segments are meaningless.
+
+Overlays are drawn at a display size (:data:`MAX_DISPLAY_SIDE` per panel at most; a captioned
+small picture is magnified to :data:`MIN_DISPLAY_SIDE` so that the whole caption is readable);
+label maps (:func:`save_segments_png`) always keep every pixel.
 """
 
 from __future__ import annotations
