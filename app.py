@@ -341,24 +341,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_args(args: argparse.Namespace, overrides: list[str]) -> None:
+    """A mistake on the command line: one ``error:`` line and exit status 2."""
+    import sys
+
+    from diffseg.engine.config import check_config
+
+    for flag, value, known in (
+        ("--backbone", args.backbone, available_backbones()),
+        ("--method", args.method, available_methods()),
+    ):
+        if value not in known:
+            print(f"error: {flag} {value} is unknown; choose one of {', '.join(known)}",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
+    try:
+        check_config(compose_config(args.method, args.backbone, overrides))
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.backbone not in available_backbones():
-        raise SystemExit(
-            f"error: --backbone {args.backbone} is unknown; choose one of "
-            f"{', '.join(available_backbones())}"
-        )
     overrides = [f"image_size={args.image_size}"] if args.image_size else []
     overrides += [f"resolution={args.resolution}"] if args.resolution else []
-    if args.method not in available_methods():
-        raise SystemExit(
-            f"error: --method {args.method} is unknown; choose one of "
-            f"{', '.join(available_methods())}"
-        )
+    _check_args(args, overrides)
     page = build_app(args.backbone, overrides, args.method)
     page.queue().launch(
-        server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(SAMPLES)]
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        allowed_paths=[str(SAMPLES)],
     )
 
 
