@@ -461,7 +461,7 @@ def segment_together(
             built.append((k, seg, params, hints, seg.method(**params)))
         requests = [m.feature_request() for *_, m in built]
         t0 = time.perf_counter()
-        batch = batch.to(first.knobs["device"])
+        batch = batch.to(first.model.device)  # a shared model may live elsewhere
         features = {p.pass_key: first.model.extract(batch, p) for p in merge_requests(requests)}
         t_features = time.perf_counter() - t0
         for (k, seg, _params, hints, method), req in zip(built, requests, strict=True):
