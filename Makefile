@@ -21,7 +21,7 @@ TESTENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 BACKBONE ?= sd14
 RUNS    ?= outputs multirun
 
-.PHONY: install test lint format demo tables bench clean clean-results
+.PHONY: install install-browser test lint format demo app tables bench clean clean-results
 
 install: $(STAMP)
 
@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 	@status=0; $(BIN)/pip install -q --upgrade pip >$(PIP_LOG) 2>&1 || status=$$?; rm -f $(PIP_LOG); \
 		if [ $$status -ne 0 ]; then echo "warning: could not upgrade pip; going on with the venv's own pip" >&2; fi
 	$(call pip_step,"$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"),$(TORCH)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)))
-	$(call pip_step,-e ".[test]",-e .[test])
+	$(call pip_step,-e ".[test,app]",-e .[test,app])
 	$(BIN)/python -c "import torch, diffusers, transformers, hydra, cv2, scipy, wandb, diffseg, eval"
 	touch $(STAMP)
 
@@ -62,6 +62,23 @@ format: $(STAMP)
 demo: $(STAMP)
 	DIFFSEG_MAKE_TARGET=demo $(BIN)/python run.py dataset=folder dataset.path=assets/samples backbone=$(BACKBONE) \
 		logger=none hydra.run.dir=outputs/demo_$(BACKBONE)
+
+# The demo page (app.py, Gradio) on http://127.0.0.1:7860; BACKBONE=tiny: offline, random weights.
+# More options: make app APP_ARGS="--host 0.0.0.0 --port 8080 --share".
+APP_ARGS ?=
+app: $(STAMP)
+	$(BIN)/python app.py --backbone $(BACKBONE) $(APP_ARGS)
+
+# Chromium for the browser test, from the system's package manager (Debian/Ubuntu) when missing;
+# Playwright's own browser download is not used (and not reachable on offline machines).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+install-browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		echo "chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	else \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
 
 # Markdown + LaTeX tables of every run under $(RUNS), the paper's numbers side by side.
 tables: $(STAMP)

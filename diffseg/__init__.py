@@ -6,6 +6,7 @@ The public API (see README.md):
   Vega), :func:`build_backbone` (by registered name); images -> :class:`Features`;
 - methods: :class:`DiffSeg`, the K-Means baselines (:class:`KMeansSegmentor`, ``kmeans_c``,
   ``kmeans_s``), :class:`DiffCut` (and :func:`pamr`, its refinement);
+- one call from a photo to segments: :class:`Segmenter` (``diffseg/predictor.py``);
 - generation: :class:`SeeDiff` (image / mask pairs from Stable Diffusion);
 - ``diffseg.data``: the benchmark datasets and image folders; ``eval.metrics``: the protocol.
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
     from .methods.diffcut import DiffCut
     from .methods.seg4diff import Seg4Diff
+    from .predictor import Segmenter
     from .seediff import SeeDiff
 
 try:
@@ -45,6 +47,7 @@ __all__ = [
     "SDXLBackbone",
     "SeeDiff",
     "Seg4Diff",
+    "Segmenter",
     "StableDiffusionBackbone",
     "build_backbone",
     "pamr",
@@ -65,6 +68,7 @@ _LAZY = {
     "DiffCut": (".methods.diffcut", "DiffCut"),
     "SeeDiff": (".seediff", "SeeDiff"),
     "Seg4Diff": (".methods.seg4diff", "Seg4Diff"),
+    "Segmenter": (".predictor", "Segmenter"),
 }
 
 

@@ -8,6 +8,10 @@ Outputs say where they come from: the writers take optional PNG text metadata (k
 ``diffseg:<name>``, e.g. ``diffseg:random_weights=true``, ``diffseg:method``,
 ``diffseg:backbone``; read back with ``PIL.Image.open(path).text``), and an overlay made with
 random weights carries a caption strip saying that its segments are meaningless.
+
+Overlays are drawn at a display size (:data:`MAX_DISPLAY_SIDE` per panel at most; a captioned
+small picture is magnified to :data:`MIN_DISPLAY_SIDE` so that the whole caption is readable);
+label maps (:func:`save_segments_png`) always keep every pixel.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from PIL.PngImagePlugin import PngInfo
 from diffseg.io_utils import atomic_write_with
 
 __all__ = [
+    "MAX_DISPLAY_SIDE",
+    "MIN_DISPLAY_SIDE",
     "RANDOM_WEIGHTS_CAPTION",
     "add_caption",
     "colorize",
+    "display_size",
     "edges",
     "image_to_uint8",
     "make_overlay",
@@ -40,6 +47,12 @@ __all__ = [
 
 #: The caption of every overlay made with random weights.
 RANDOM_WEIGHTS_CAPTION = "RANDOM WEIGHTS - these segments are meaningless (code-path check only)"
+#: Overlays are pictures to look at: each panel's long side is at most this many pixels (a
+#: 6000x4000 photo gives a 1024x683 panel, not an 18000 px strip); label PNGs keep the photo's size.
+MAX_DISPLAY_SIDE = 1024
+#: ... and a smaller picture is magnified (nearest, whole factor: pixels stay sharp) until its
+#: long side reaches this, so that a caption fits on a 10x10 photo's overlay.
+MIN_DISPLAY_SIDE = 256
 #: Prefix of the PNG text keys written here.
 METADATA_PREFIX = "diffseg:"
 
@@ -109,12 +122,44 @@ def edges(segments: torch.Tensor | np.ndarray) -> np.ndarray:
     return out
 
 
+def display_size(
+    height: int, width: int, max_side: int | None, min_side: int | None = None
+) -> tuple[int, int]:
+    """The (height, width) a picture is shown at: scaled down (aspect kept) so that its long
+    side is at most ``max_side``, or magnified by the smallest whole factor that brings its long
+    side to ``min_side``; None leaves that bound out."""
+    long = max(height, width)
+    if max_side is not None and long > max_side:
+        scale = max_side / long
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    if min_side is not None and long < min_side:
+        factor = -(-min_side // long)  # ceil
+        return height * factor, width * factor
+    return height, width
+
+
+def _resize_for_display(rgb: np.ndarray, seg: np.ndarray, size: tuple[int, int]):
+    """Photo (antialiased) and segment ids (nearest, never mixed) at ``size`` = (h, w)."""
+    h, w = size
+    if (h, w) == seg.shape:
+        return rgb, seg
+    shrink = h < seg.shape[0]
+    photo = Image.fromarray(rgb).resize(
+        (w, h), Image.Resampling.BILINEAR if shrink else Image.Resampling.NEAREST, reducing_gap=None
+    )
+    rows = np.minimum((np.arange(h) * seg.shape[0]) // h, seg.shape[0] - 1)
+    cols = np.minimum((np.arange(w) * seg.shape[1]) // w, seg.shape[1] - 1)
+    return np.asarray(photo, dtype=np.uint8), seg[rows[:, None], cols[None, :]]
+
+
 def make_overlay(
     image: torch.Tensor | np.ndarray,
     segments: torch.Tensor | np.ndarray,
     label: torch.Tensor | np.ndarray | None = None,
     alpha: float = 0.5,
     caption: str | None = None,
+    max_side: int | None = None,
+    min_side: int | None = None,
 ) -> np.ndarray:
     """Side-by-side panels: image | segments (colour) | image blended with segments and edges
     [| ground truth (colour, unlabelled black) when ``label`` is given].
@@ -125,10 +170,15 @@ def make_overlay(
         segments: (S, S) integer segment ids (or (H, W) with a uint8 image of that size; -1 =
             not segmented, drawn black).
         label: optional (S, S) integer classes, -1 = unlabelled.
-        caption: optional text on a red strip above the panels (see :func:`add_caption`).
+        caption: optional text on a red strip above the panels (see :func:`add_caption`); the
+            panels are then magnified to at least :data:`MIN_DISPLAY_SIDE` so that it is
+            readable.
+        max_side, min_side: the panels' display bounds (:func:`display_size`); None = the
+            segments' size (``save_overlay`` and the predictor use :data:`MAX_DISPLAY_SIDE`).
 
     Returns:
-        (S, k * S + gaps, 3) uint8, plus the strip's height in rows with a caption.
+        (h, k * w + gaps, 3) uint8 with (h, w) the display size, plus the strip's height in
+        rows with a caption.
     """
     seg = _to_numpy(segments)
     h, w = seg.shape
@@ -140,14 +190,19 @@ def make_overlay(
         rgb = image_to_uint8(image, size=h)
     if rgb.shape[:2] != (h, w):
         raise ValueError(f"image {rgb.shape[:2]} and segments {(h, w)} differ in size")
-    colour = colorize(seg)
+    if caption and min_side is None:
+        min_side = MIN_DISPLAY_SIDE
+    size = display_size(h, w, max_side, min_side)
+    rgb, seg_shown = _resize_for_display(rgb, seg, size)
+    colour = colorize(seg_shown)
     blend = (rgb.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).round()
     blend = blend.astype(np.uint8)
-    blend[edges(seg)] = 255
+    blend[edges(seg_shown)] = 255
     panels = [rgb, colour, blend]
     if label is not None:
-        panels.append(colorize(label, ignore_index=-1))
-    gap = np.full((h, 4, 3), 255, dtype=np.uint8)
+        lab = _to_numpy(label)
+        panels.append(colorize(_resize_for_display(rgb, lab, size)[1], ignore_index=-1))
+    gap = np.full((size[0], 4, 3), 255, dtype=np.uint8)
     row: list[np.ndarray] = []
     for k, panel in enumerate(panels):
         if k:
@@ -157,28 +212,38 @@ def make_overlay(
     return add_caption(out, caption) if caption else out
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Words of ``text`` in lines no wider than ``width`` (a single long word keeps its line)."""
+    lines: list[str] = []
+    for word in text.split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(trial, font=font) <= width:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return lines
+
+
 def add_caption(picture: np.ndarray, text: str) -> np.ndarray:
     """``picture`` (H, W, 3) uint8 with a dark red strip holding ``text`` in white on top.
 
-    The strip is 1/12 of the width tall (16 to 64 rows) and the text is shrunk to fit the
-    width (down to 8 px; below that only the part before " - " is kept), so the caption stays
-    readable on a small overlay.
+    The font is 1/40 of the width (12 to 40 px) and the words wrap onto as many lines as the
+    width needs, so the whole caption is readable at any overlay size (:func:`make_overlay`
+    magnifies small pictures first).
     """
     width = picture.shape[1]
-    height = max(16, min(64, width // 12))
+    size = max(12, min(40, width // 40))
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(probe, text, font, width - 8)
+    line_height = int(size * 1.3)
+    height = max(16, line_height * len(lines) + size // 2)
     strip = Image.new("RGB", (width, height), (160, 0, 0))
     draw = ImageDraw.Draw(strip)
-    size = max(8, int(height * 0.6))
-    font = _font(size)
-    while draw.textlength(text, font=font) > width - 8:
-        if size > 8:
-            size -= 1
-        elif " - " in text:  # too narrow for the whole caption: keep its first clause
-            text = text.split(" - ")[0]
-        else:
-            break
-        font = _font(size)
-    draw.text((4, height // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    top = (height - line_height * len(lines)) // 2
+    for k, line in enumerate(lines):
+        y = top + k * line_height + line_height // 2
+        draw.text((4, y), line, fill=(255, 255, 255), font=font, anchor="lm")
     return np.concatenate([np.asarray(strip, dtype=np.uint8), picture], axis=0)
 
 
@@ -265,8 +330,10 @@ def save_overlay(
     random_weights: bool | None = None,
     caption: str | None = None,
     metadata: Mapping[str, object] | None = None,
+    max_side: int | None = MAX_DISPLAY_SIDE,
 ) -> Path:
-    """``make_overlay`` written to ``path`` as PNG (atomically).
+    """``make_overlay`` written to ``path`` as PNG (atomically), its panels' long side at most
+    ``max_side`` (the label map itself is saved at full size by :func:`save_segments_png`).
 
     ``random_weights=True`` puts :data:`RANDOM_WEIGHTS_CAPTION` on top (unless ``caption``
     gives another text) and writes ``diffseg:random_weights=true``; ``metadata`` adds PNG text
@@ -274,5 +341,5 @@ def save_overlay(
     """
     if caption is None and random_weights:
         caption = RANDOM_WEIGHTS_CAPTION
-    picture = make_overlay(image, segments, label, caption=caption)
+    picture = make_overlay(image, segments, label, caption=caption, max_side=max_side)
     return save_png(path, picture, png_metadata(metadata, random_weights))

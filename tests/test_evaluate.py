@@ -175,9 +175,10 @@ def test_run_writes_consistent_outputs(ref_run, coco_root):
     overlays = sorted((run_dir / "overlays").glob("*.png"))
     assert [p.stem for p in overlays] == [r["id"] for r in rows[:2]]
     with Image.open(overlays[0]) as im:
-        assert im.size[0] == 4 * RES + 3 * 4 and im.size[1] > RES
+        side = 4 * RES  # captioned: magnified (x4) so that the caption is readable
+        assert im.size[0] == 4 * side + 3 * 4 and im.size[1] > side
         assert im.text["diffseg:random_weights"] == "true"
-        strip = np.asarray(im.convert("RGB"))[: im.size[1] - RES]
+        strip = np.asarray(im.convert("RGB"))[: im.size[1] - side]
         assert strip.std() > 0  # the caption is drawn, not an empty band
 
     # predictions are segment-id PNGs, marked too, that eval.score scores to the same numbers

@@ -29,7 +29,7 @@ def test_install_takes_an_index_for_torch_only():
     assert "--index-url" not in _torch_line(default)
     cpu = _make("-n", "-B", "install", "TORCH_INDEX=https://download.pytorch.org/whl/cpu").stdout
     assert '--index-url "https://download.pytorch.org/whl/cpu"' in _torch_line(cpu)
-    assert all("--index-url" not in line for line in cpu.splitlines() if '-e ".[test]"' in line)
+    assert all("--index-url" not in line for line in cpu.splitlines() if '-e ".[test,app]"' in line)
 
 
 def test_clean_keeps_results():
@@ -98,7 +98,7 @@ def test_install_fails_loudly_when_torch_cannot_be_installed(fake_venv):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'pip install nonexistent-package==0' failed" in errors[0]
     calls = (fake_venv / "bin" / "calls.log").read_text()
-    assert "-e .[test]" not in calls  # the default index never got a chance to pull torch
+    assert "-e .[test,app]" not in calls  # the default index never got a chance to pull torch
     assert not (fake_venv / ".installed").exists()
 
 
@@ -106,6 +106,6 @@ def test_install_succeeds_and_filters_noise_when_pip_does(fake_venv):
     done = _make("install", f"VENV={fake_venv}", "TORCH=torch==2.13.0")
     assert done.returncode == 0, done.stderr
     assert "installed: install -q torch==2.13.0" in done.stdout
-    assert "installed: install -q -e .[test]" in done.stdout
+    assert "installed: install -q -e .[test,app]" in done.stdout
     assert "DEPRECATION" not in done.stdout and "error:" not in done.stderr
     assert (fake_venv / ".installed").exists()

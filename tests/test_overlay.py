@@ -12,6 +12,8 @@ from PIL import Image
 
 from diffseg.io_utils import atomic_write_bytes, atomic_write_text
 from diffseg.overlay import (
+    MAX_DISPLAY_SIDE,
+    MIN_DISPLAY_SIDE,
     RANDOM_WEIGHTS_CAPTION,
     make_overlay,
     png_metadata,
@@ -67,7 +69,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
 
 def test_random_weights_overlay_has_caption_and_metadata(tmp_path):
     image, segments = _inputs(128)
-    plain = make_overlay(image, segments)
+    plain = make_overlay(image, segments, min_side=MIN_DISPLAY_SIDE)  # captions magnify
     path = save_overlay(
         tmp_path / "o.png",
         image,
@@ -101,11 +103,65 @@ def test_real_weights_overlay_is_unchanged_but_says_so(tmp_path):
         assert img.text == {}  # the old call still works and writes no claim
 
 
-def test_caption_fits_a_small_overlay():
-    image, segments = _inputs(8)
+def _caption_strip(picture: np.ndarray) -> np.ndarray:
+    """The rows of the red caption strip on top of an overlay."""
+    red = (picture[..., 0] == 160) & (picture[..., 1] == 0)
+    rows = red.mean(axis=1) > 0.3
+    return picture[: int(np.argmin(rows))]
+
+
+def _text_extent(strip: np.ndarray) -> float:
+    """Fraction of the strip's width spanned by white text."""
+    cols = np.flatnonzero((strip > 200).all(axis=-1).any(axis=0))
+    return (cols.max() - cols.min() + 1) / strip.shape[1] if cols.size else 0.0
+
+
+@pytest.mark.parametrize("side", [8, 10, 40])
+def test_caption_is_whole_and_readable_on_a_tiny_overlay(side):
+    """A 10x10 photo's overlay is magnified (nearest, whole factor) so that the whole caption
+    fits at a readable size, instead of being cut to its first words."""
+    image, segments = _inputs(side)
     out = make_overlay(image, segments, caption=RANDOM_WEIGHTS_CAPTION)
-    assert out.shape == (16 + 8, 3 * 8 + 2 * 4, 3) and out.dtype == np.uint8
-    assert (out[:16] > 150).all(axis=-1).sum() > 5  # "RANDOM WEIGHTS" drawn, not nothing
+    factor = -(-MIN_DISPLAY_SIDE // side)
+    panels = make_overlay(image, segments, min_side=MIN_DISPLAY_SIDE)
+    assert panels.shape[:2] == (side * factor, 3 * side * factor + 2 * 4)
+    strip = _caption_strip(out)
+    assert strip.shape[0] >= 16 and out.shape[0] == strip.shape[0] + panels.shape[0]
+    np.testing.assert_array_equal(out[strip.shape[0] :], panels)
+    # the whole sentence, not "RANDOM WEIGHTS" alone: its text spans most of a line
+    assert _text_extent(strip) > 0.6
+    # magnified by repetition: each photo pixel is a factor x factor block
+    np.testing.assert_array_equal(panels[::factor, : side * factor : factor], make_overlay(
+        image, segments)[:, :side])  # fmt: skip
+
+
+def test_large_photo_overlay_is_bounded_and_labels_are_not():
+    """A 3000x2000 photo: the overlay's panels are 1024 px on the long side, the label PNG
+    keeps every pixel."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8)
+    segments = np.zeros((2000, 3000), dtype=np.int64)
+    segments[:, 1500:] = 1
+    segments[1000:, :] += 2
+    out = make_overlay(photo, segments, max_side=MAX_DISPLAY_SIDE)
+    assert out.shape == (683, 3 * 1024 + 2 * 4, 3)
+    colours = out[:, 1024 + 4 : 2 * 1024 + 4].reshape(-1, 3)
+    assert len(np.unique(colours, axis=0)) == 4  # the segments, never blended by the resize
+    captioned = make_overlay(photo, segments, caption=RANDOM_WEIGHTS_CAPTION, max_side=1024)
+    strip = _caption_strip(captioned)
+    assert captioned.shape[1] == out.shape[1] and strip.shape[0] >= 40  # large type
+    assert _text_extent(strip) > 0.3
+
+
+def test_save_overlay_bounds_the_picture(tmp_path):
+    photo = np.full((1500, 2500, 3), 90, dtype=np.uint8)
+    segments = np.zeros((1500, 2500), dtype=np.int64)
+    with Image.open(save_overlay(tmp_path / "o.png", photo, segments)) as img:
+        assert img.size == (3 * MAX_DISPLAY_SIDE + 8, 614)
+    # and a benchmark overlay at 512 is drawn as before (no caption: no magnifying)
+    image, seg = _inputs(64)
+    with Image.open(save_overlay(tmp_path / "b.png", image, seg)) as img:
+        np.testing.assert_array_equal(np.asarray(img), make_overlay(image, seg))
 
 
 def test_prediction_png_metadata_and_values(tmp_path):
