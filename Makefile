@@ -28,6 +28,8 @@ install: $(STAMP)
 # pip's output without its "... is ignored" notices; a failed step prints one error line and
 # stops make (the notices are filtered from a log, so pip's own exit status is kept).
 PIP_LOG := $(VENV)/pip-install.log
+# The package's extras (a variable: a comma inside $(call ...) would split its arguments).
+EXTRAS  := test,app
 define pip_step
 @echo '$(BIN)/pip install -q $(1)'
 @status=0; $(BIN)/pip install -q $(1) >$(PIP_LOG) 2>&1 || status=$$?; \
@@ -43,7 +45,7 @@ $(STAMP): pyproject.toml
 	@status=0; $(BIN)/pip install -q --upgrade pip >$(PIP_LOG) 2>&1 || status=$$?; rm -f $(PIP_LOG); \
 		if [ $$status -ne 0 ]; then echo "warning: could not upgrade pip; going on with the venv's own pip" >&2; fi
 	$(call pip_step,"$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"),$(TORCH)$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX)))
-	$(call pip_step,-e ".[test,app]",-e .[test,app])
+	$(call pip_step,-e ".[$(EXTRAS)]",-e .[$(EXTRAS)])
 	$(BIN)/python -c "import torch, diffusers, transformers, hydra, cv2, scipy, wandb, diffseg, eval"
 	touch $(STAMP)
 
