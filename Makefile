@@ -96,6 +96,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone.py
 	$(BIN)/python benchmarks/seediff.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/mmdit.py
 
 # The environment and caches only; results are never touched here.
 clean:

@@ -78,7 +78,7 @@ def make_cases(backbone, images: torch.Tensor, block: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sd3", help="sd3, flux, tiny_sd3, tiny_sd35, tiny_flux")
     parser.add_argument("--size", type=int, default=1024, help="input side in pixels")
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     backbone = build(args.config, args.device, DTYPES[args.dtype])

@@ -33,6 +33,7 @@ SMOKE_ARGS = {
                     "--resolution", "32", "--workers", "0"],
     "seediff.py": ["--configs", "tiny", "--steps", "1", "--image-size", "64",
                    "--pamr-iterations", "2", "--threads", "1"],
+    "mmdit.py": ["--config", "tiny_sd3", "--size", "256", "--repeats", "1"],
 }  # fmt: skip
 
 
@@ -108,3 +109,11 @@ def test_seediff(capsys, one_thread):
     row = json.loads(out.strip().splitlines()[-1])
     assert row["config"] == "tiny" and row["image_size"] == 64 and row["unet_calls"] >= 1
     assert row["seediff_s"] > 0 and "pamr_2_s" in row
+
+
+def test_mmdit(capsys, one_thread):
+    out = _run("mmdit.py", capsys)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {r["case"] for r in rows} == {"encode", "plain", "capture_i2t", "capture_i2i", "extract"}
+    assert all(r["wall_s"] > 0 and r["config"] == "tiny_sd3" for r in rows)
+    assert re.search(r"capture_i2t/plain: wall [\d.]+x", out)
