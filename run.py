@@ -34,6 +34,13 @@ def _torchrun_setup() -> None:
         sys.argv += [f"hydra.job.name=run_rank{rank}", "hydra.output_subdir=null"]
 
 
+def _open_sweep() -> None:
+    """``sweep`` is an open mapping of method keys (configs/config.yaml: ``sweep: {}``): let
+    ``sweep.<any method key>=[...]`` add the key, as ``+sweep.<key>=[...]`` does."""
+    sys.argv[1:] = ["++" + a if a.startswith("sweep.") else a for a in sys.argv[1:]]
+
+
 if __name__ == "__main__":
+    _open_sweep()
     _torchrun_setup()
     main()
