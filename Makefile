@@ -41,7 +41,7 @@ format: $(STAMP)
 
 # Segment the sample photos in assets/samples (downloads SD v1.4 once; BACKBONE=tiny: offline).
 demo: $(STAMP)
-	DIFFSEG_MAKE_TARGET=demo $(BIN)/python run.py dataset=folder dataset.path=assets/samples backbone=$(BACKBONE) \
+	$(BIN)/python run.py dataset=folder dataset.path=assets/samples backbone=$(BACKBONE) \
 		logger=none hydra.run.dir=outputs/demo_$(BACKBONE)
 
 # Markdown + LaTeX tables of every run under $(RUNS), the paper's numbers side by side.

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from diffseg.attention import AttentionStore, capture_self_attention
-from diffseg.backbone import StableDiffusionBackbone
+from diffseg.backbones import StableDiffusionBackbone
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

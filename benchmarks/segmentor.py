@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from diffseg.baselines import kmeans_c  # noqa: E402
-from diffseg.segmentor import (  # noqa: E402
-    DiffSeg,
-    aggregate_attention,
+from diffseg.methods.diffseg import DiffSeg  # noqa: E402
+from diffseg.methods.kmeans import kmeans_c  # noqa: E402
+from diffseg.methods.merging import (
     first_merge,
     greedy_merge,
     proposals_to_labels,
     symmetric_kl,
     symmetric_kl_reference,
-)
+)  # noqa: E402
+from diffseg.ops.aggregation import aggregate_attention  # noqa: E402
 from diffseg.testing import synthetic_attention as sa
 
 

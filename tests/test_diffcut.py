@@ -1,4 +1,4 @@
-"""DiffCut.segment_features and DiffCutAutoSC: the pipeline of diffseg.ncut and diffseg.pamr."""
+"""DiffCut.segment_features and DiffCutAutoSC: the pipeline of diffseg.methods.ncut and diffseg.ops.pamr."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffseg.methods.diffcut import DiffCut, DiffCutAutoSC
-from diffseg.ncut import assign_concepts, autosc_labels, ncut_labels
-from diffseg.pamr import refine_labels
+from diffseg.methods.ncut import assign_concepts, autosc_labels, ncut_labels
+from diffseg.ops.pamr import refine_labels
 
 # One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
 pytestmark = pytest.mark.usefixtures("one_thread")

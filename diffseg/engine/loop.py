@@ -112,7 +112,10 @@ def background_merger(labels, background: tuple[int, int] | None):
 
     def merge(preds: torch.Tensor) -> torch.Tensor:
         return torch.stack(
-            [merge_background(p, lab, index, num_classes) for p, lab in zip(preds, labels, strict=True)]
+            [
+                merge_background(p, lab, index, num_classes)
+                for p, lab in zip(preds, labels, strict=True)
+            ]
         )
 
     return merge
@@ -124,7 +127,9 @@ def hints_for(method: Method, labels) -> dict[str, Any] | None:
         return None
     unknown = [h for h in method.hints if h not in HINTS]
     if unknown:
-        raise ValueError(f"{method.name} asks for hints {unknown}; the engine provides {list(HINTS)}")
+        raise ValueError(
+            f"{method.name} asks for hints {unknown}; the engine provides {list(HINTS)}"
+        )
     if labels is None:
         raise ValueError(f"{method.name} needs labels for its hints {list(method.hints)}")
     stacked = torch.stack(labels)

@@ -155,7 +155,6 @@ class RefiningMethod(Method):
         return merged.cpu()
 
 
-
 def check_hints(method: Method, hints: Mapping[str, Any] | None) -> dict[str, Any]:
     """``hints`` as a dict, or ``ValueError`` for a key ``method.hints`` does not list."""
     hints = dict(hints or {})
@@ -217,5 +216,7 @@ def check_list(
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ParameterError(f"{key}={value!r} is invalid: it must be a list")
     if len(value) < min_len:
-        raise ParameterError(f"{key}={list(value)!r} is invalid: it needs at least {min_len} item(s)")
+        raise ParameterError(
+            f"{key}={list(value)!r} is invalid: it needs at least {min_len} item(s)"
+        )
     return [item(key, v) for v in value]

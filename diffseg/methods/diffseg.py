@@ -297,7 +297,6 @@ class DiffSeg(RefiningMethod):
         return pamr_refine(labels, features)
 
 
-
 def _thresholds(kl_threshold: Any, num_iterations: Any) -> list[float]:
     """One positive threshold per iteration, from a number (3 iterations unless given) or a
     list (its length is the number of iterations)."""

@@ -38,8 +38,10 @@ from ..engine.report import (
 from ..engine.rundir import RunDir, now, write_json_atomic
 from ..engine.settings import build_settings
 from ..errors import ConfigError, DataError, RunError
+from ..methods.base import MethodContext
 from ..tracking import NullTracker
 from .build import (
+    backbone_family,
     build_backbone_from_config,
     build_dataset_from_config,
     is_random_config,
@@ -133,8 +135,13 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
     dist = from_env(knobs["num_shards"], knobs["shard_index"], knobs["device"].type)
     if dist.group and knobs["device"].type == "cuda" and knobs["device"].index is None:
         knobs["device"] = torch.device("cuda", dist.local_rank)
+    context = MethodContext(
+        dataset=str(cfg.dataset.get("name", "")),
+        backbone=str(cfg.backbone.get("name", "")),
+        backbone_family=backbone_family(plain(cfg.backbone)),
+    )
     settings = build_settings(
-        plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir
+        plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir, context
     )
     image_size = knobs["image_size"] or native_image_size(plain(cfg.backbone))
     dataset = build_dataset_from_config(
