@@ -88,7 +88,7 @@ def test_main_config_and_hydra_settings_resolve():
         run_dir = str(cfg.hydra.run.dir)
     assert run_dir.startswith("outputs/coco_stuff27/kmeans_c_320/")
     knobs = check_config(compose_cfg("dataset=folder", "dataset.path=/x", "device=cpu"))
-    assert knobs["resolution"] == 512 and knobs["limit"] is None
+    assert knobs.resolution == 512 and knobs.limit is None
 
 
 # ---- methods ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from ..features import FeatureRequest, merge_requests
 from ..methods.base import Method
-from .evaluators import Evaluator, SegmentedBatch
+from .evaluators import Evaluator, Records, SegmentedBatch
 from .settings import Setting
 
 __all__ = ["SettingRun", "StageTimes", "predict", "run_loop"]
@@ -53,14 +53,18 @@ class StageTimes:
 
 @dataclass
 class SettingRun:
-    """A setting with its evaluators; ``records`` (the last evaluator) knows what is done."""
+    """A setting with its evaluators: ``writers`` (predictions, overlays, ...) and ``records``,
+    the durable per-image records, which know what is done (the resume ledger). ``records``
+    runs last, so a recorded image has its files on disk."""
 
     setting: Setting
-    evaluators: list[Evaluator]
+    writers: list[Evaluator]
+    records: Records
 
     @property
-    def records(self) -> Any:
-        return self.evaluators[-1]
+    def evaluators(self) -> list[Evaluator]:
+        """Every evaluator in processing order: the writers, then the records."""
+        return [*self.writers, self.records]
 
 
 def classes_per_image(labels: torch.Tensor) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.config import RunOptions
 from ..errors import ConfigError, DataError, RunError
 
 __all__ = [
@@ -83,17 +84,17 @@ def build_dataset_from_config(
         raise kind(f"dataset={ds_cfg.get('name')}: {err}") from err
 
 
-def build_backbone_from_config(bb_cfg: dict[str, Any], knobs: dict[str, Any]) -> Any:
+def build_backbone_from_config(bb_cfg: dict[str, Any], options: RunOptions) -> Any:
     """The backbone of a ``backbone`` config, on the run's device and precision."""
     cfg = {k: v for k, v in bb_cfg.items() if k not in BACKBONE_META_KEYS}
     try:
         return _instantiate(
             cfg,
-            device=knobs["device"],
-            dtype=knobs["dtype"],
-            vae_dtype=knobs["vae_dtype"],
-            attention_dtype=knobs["attention_dtype"],
-            seed=knobs["seed"],
+            device=options.device,
+            dtype=options.dtype,
+            vae_dtype=options.vae_dtype,
+            attention_dtype=options.attention_dtype,
+            seed=options.seed,
         )
     except (FileNotFoundError, ValueError) as err:
         hint = ""
