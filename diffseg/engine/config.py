@@ -66,8 +66,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``float32`` (DiffSeg's faithful default), ``float16``, ``bfloat16``, or ``auto``: float16
-    on CUDA (DiffCut's release runs its UNet under float16 autocast) and float32 elsewhere."""
+    """``float32`` (the faithful default), ``float16``, ``bfloat16``, or ``auto``: float16 on
+    CUDA (a release's float16 autocast) and float32 elsewhere."""
     key = str(name).strip().lower()
     if key == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -153,7 +153,7 @@ def check_config(cfg: DictConfig) -> RunOptions:
     ):
         raise ConfigError(
             f"resolution={resolution!r} is invalid; it is the evaluation size in pixels (labels "
-            f"and predictions), an integer in [{lo}, {hi}] (DiffSeg: 320 or 512, DiffCut: 128)"
+            f"and predictions), an integer in [{lo}, {hi}] (each protocol sets its own: configs/protocol/)"
         )
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "float32"), device)

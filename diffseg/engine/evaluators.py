@@ -88,6 +88,10 @@ class Records(Evaluator):
         self.resumed = 0
         self.writer: RowWriter | None = None
 
+    def running(self) -> dict[str, Any] | None:
+        """The running metrics so far (``acc``, ``miou``), None when there are none."""
+        return None
+
     def _load(self) -> list[dict[str, Any]]:
         """The records of every process's file that this run wants; sets ``done``."""
         records = read_all_records(self.folder, self.columns, own=self.path)
