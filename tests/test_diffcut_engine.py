@@ -87,7 +87,7 @@ def test_diffcut_on_voc_with_background_merge_and_a_tau_sweep_from_one_pass(sdxl
         "num_workers=0",
         "num_overlays=1",
         "save_predictions=true",
-        "sweep.tau=[0.3,0.6]",
+        "+sweep.tau=[0.3,0.6]",
     )
     counting = Counting(sdxl)
     out = evaluate(cfg, tmp_path / "run", backbone=counting)
