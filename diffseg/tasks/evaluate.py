@@ -409,11 +409,11 @@ def _tracker(cfg, prep: _Prepared):
 
     rundir, settings, options = prep.rundir, prep.settings, prep.options
     random_weights = prep.random_weights
-    tags = [str(cfg.dataset.name), settings[0].method_name, f"res{options['resolution']}"]
+    tags = [str(cfg.dataset.name), settings[0].method_name, f"res{options.resolution}"]
     tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
     config = dict(plain(cfg), random_weights=random_weights)
     name = (
-        f"{cfg.dataset.name}-{settings[0].method_name}-{options['resolution']}-{cfg.backbone.name}"
+        f"{cfg.dataset.name}-{settings[0].method_name}-{options.resolution}-{cfg.backbone.name}"
     )
     try:
         tracker = build_tracker(
