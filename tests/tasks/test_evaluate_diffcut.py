@@ -17,7 +17,7 @@ from diffseg.methods.diffcut import token_grid
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata, fakedata_extra
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
