@@ -412,9 +412,7 @@ def _tracker(cfg, prep: _Prepared):
     tags = [str(cfg.dataset.name), settings[0].method_name, f"res{options.resolution}"]
     tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
     config = dict(plain(cfg), random_weights=random_weights)
-    name = (
-        f"{cfg.dataset.name}-{settings[0].method_name}-{options.resolution}-{cfg.backbone.name}"
-    )
+    name = f"{cfg.dataset.name}-{settings[0].method_name}-{options.resolution}-{cfg.backbone.name}"
     try:
         tracker = build_tracker(
             plain(cfg.get("logger")),
