@@ -55,6 +55,51 @@ __all__ = ["evaluate", "main"]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """The composed config, read once: the checked options and each group as plain data.
+
+    Attributes:
+        options: the top-level options (:class:`RunOptions`).
+        dataset, backbone, method: the groups' configs (``_target_`` + arguments).
+        sweep, variants: the method settings to evaluate (``sweep.<key>`` lists, explicit ones).
+        evaluators: factories of the evaluators (``_target_`` entries).
+        logger: the tracker's config; preprocessing: the protocol's preprocessing name.
+        resolved: the whole config, resolved (sent to the tracker); yaml: the same as YAML.
+    """
+
+    options: RunOptions
+    dataset: dict[str, Any]
+    backbone: dict[str, Any]
+    method: dict[str, Any]
+    sweep: dict[str, Any]
+    variants: list[Any]
+    evaluators: list[Any]
+    logger: dict[str, Any] | None
+    preprocessing: str
+    resolved: dict[str, Any]
+    yaml: str
+
+    @classmethod
+    def read(cls, cfg: DictConfig) -> RunConfig:
+        """Check the options (every interpolation resolves) and take each group once."""
+        options = check_config(cfg)
+        resolved = plain(cfg)
+        return cls(
+            options=options,
+            dataset=resolved["dataset"],
+            backbone=resolved["backbone"],
+            method=resolved["method"],
+            sweep=resolved.get("sweep") or {},
+            variants=resolved.get("variants") or [],
+            evaluators=resolved.get("evaluators") or [],
+            logger=resolved.get("logger"),
+            preprocessing=str(resolved.get("preprocessing") or "diffseg"),
+            resolved=resolved,
+            yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        )
+
+
 @dataclass
 class _Prepared:
     """What a run is, before any model is loaded: options, settings, data, run dir, evaluators."""
@@ -100,20 +145,21 @@ def evaluate(
         (``results`` is empty on the processes that do not write them).
     """
     t_start, started = time.perf_counter(), now()
-    prep = _prepare(cfg, Path(run_dir))
+    rc = RunConfig.read(cfg)
+    prep = _prepare(rc, Path(run_dir))
     todo = [] if merge_only else prep.todo()
     if todo and backbone is None:
-        backbone = build_backbone_from_config(plain(cfg.backbone), prep.options)
+        backbone = build_backbone_from_config(rc.backbone, prep.options)
     if backbone is not None:
         prep.random_weights = bool(backbone.is_random)
         _check_requests(backbone, prep)
     if prep.random_weights and prep.dist.is_main:
         _loud_warning()
-    tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+    tracker = _tracker(rc, prep) if prep.dist.is_main else NullTracker()
     try:
-        _claim(cfg, prep, backbone)
+        _claim(rc, prep, backbone)
         stages, done = _segment_all(prep, todo, backbone, tracker, on_batch, (started, t_start))
-        results = _finish(cfg, prep, stages, done, (started, t_start))
+        results = _finish(rc, prep, stages, done, (started, t_start))
         if results:
             _log_to_tracker(tracker, results, prep.random_weights)
     except BaseException:
@@ -129,32 +175,30 @@ def evaluate(
     return {"run_dir": str(run_dir), "random_weights": prep.random_weights, "results": results}
 
 
-def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
+def _prepare(rc: RunConfig, run_dir: Path) -> _Prepared:
     """Check the options, build the settings and the dataset, open the run dir and restore what
     earlier sessions finished. Nothing heavy is loaded yet."""
-    options = check_config(cfg)
+    options = rc.options
     dist = from_env(options.num_shards, options.shard_index, options.device.type)
     if dist.group and options.device.type == "cuda" and options.device.index is None:
         options = dataclasses.replace(options, device=torch.device("cuda", dist.local_rank))
     context = MethodContext(
-        dataset=str(cfg.dataset.get("name", "")),
-        backbone=str(cfg.backbone.get("name", "")),
-        backbone_family=backbone_family(plain(cfg.backbone)),
+        dataset=str(rc.dataset.get("name", "")),
+        backbone=str(rc.backbone.get("name", "")),
+        backbone_family=backbone_family(rc.backbone),
     )
-    settings = build_settings(
-        plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir, context
-    )
-    image_size = options.image_size or native_image_size(plain(cfg.backbone))
+    settings = build_settings(rc.method, rc.sweep, rc.variants, run_dir, context)
+    image_size = options.image_size or native_image_size(rc.backbone)
     dataset = build_dataset_from_config(
-        plain(cfg.dataset), image_size, options.resolution, cfg.get("preprocessing", "diffseg")
+        rc.dataset, image_size, options.resolution, rc.preprocessing
     )
     ids = _select_ids(dataset, options.limit)
     if dist.is_main:
         _warn_about_shapes(dataset)
-    random_weights = is_random_config(plain(cfg.backbone))
-    rundir = RunDir(run_dir, _fingerprint(cfg, options, settings, dataset, ids)).open()
+    random_weights = is_random_config(rc.backbone)
+    rundir = RunDir(run_dir, _fingerprint(rc, options, settings, dataset, ids)).open()
     runs = [
-        _setting_run(s, dataset, ids, options, random_weights, cfg, dist.suffix) for s in settings
+        _setting_run(s, dataset, ids, options, random_weights, rc, dist.suffix) for s in settings
     ]
     for run in runs:
         for evaluator in run.evaluators:
@@ -178,14 +222,14 @@ def _check_requests(backbone, prep: _Prepared) -> None:
             raise ConfigError(f"method {setting.method_name}: {err}") from None
 
 
-def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
+def _claim(rc: RunConfig, prep: _Prepared, backbone) -> None:
     """From here on the run dir belongs to this configuration (the main process, or every
     independent shard job, writes the resolved config and run.json); then every process opens
     its own records."""
     if prep.dist.is_main or not prep.dist.group:
         if backbone is not None:  # a later session with nothing to do reports it from here
             prep.rundir.backbone = backbone.describe()
-        prep.rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
+        prep.rundir.claim(rc.yaml)
     prep.dist.barrier()
     for run in prep.runs:
         run.records.open()
@@ -206,7 +250,7 @@ def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
     return stages, progress.done
 
 
-def _finish(cfg, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
+def _finish(rc: RunConfig, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
     """Every process's session into run.json; the main process folds the records and writes the
     results (independent shard jobs leave that to ``python -m diffseg.tasks.merge``)."""
     session = _session(*clock, done, stages, prep.options)
@@ -225,7 +269,7 @@ def _finish(cfg, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
         return {}
     for run in prep.runs:
         run.records.gather(prep.ids)
-    return _report(cfg, prep)
+    return _report(rc, prep)
 
 
 def _select_ids(dataset, limit: int | None) -> list[str]:
@@ -244,9 +288,9 @@ def _warn_about_shapes(dataset) -> None:
         log.warning("%s", warning[0].upper() + warning[1:])
 
 
-def _fingerprint(cfg, options, settings, dataset, ids) -> dict[str, Any]:
+def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, Any]:
     """What must not change when a run resumes: everything that changes its numbers or files."""
-    ds = plain(cfg.dataset)
+    ds = rc.dataset
     keep = ("name", "split", "curated", "ids_file", "crop", "void_as_background", "other_as_class")
     return {
         "dataset": {k: ds.get(k) for k in keep if k in ds},
@@ -255,7 +299,7 @@ def _fingerprint(cfg, options, settings, dataset, ids) -> dict[str, Any]:
         "resolution": options.resolution,
         "preprocessing": dataset.preprocessing,
         "image_size": dataset.image_size,
-        "backbone": {k: cfg.backbone.get(k) for k in ("name", "path", "random_config", "timestep")},
+        "backbone": {k: rc.backbone.get(k) for k in ("name", "path", "random_config", "timestep")},
         "dtype": str(options.dtype).replace("torch.", ""),
         "precision": {
             "vae": None if options.vae_dtype is None else str(options.vae_dtype),
@@ -268,20 +312,26 @@ def _fingerprint(cfg, options, settings, dataset, ids) -> dict[str, Any]:
 
 
 def _setting_run(
-    setting, dataset, ids, options: RunOptions, random_weights: bool, cfg, suffix: str = ""
+    setting,
+    dataset,
+    ids,
+    options: RunOptions,
+    random_weights: bool,
+    rc: RunConfig,
+    suffix: str = "",
 ) -> SettingRun:
     """A setting with its evaluators: the configured ones (``evaluators:``, in order), then the
     records (metric rows for labelled data, segment counts otherwise)."""
     meta = {
         "method": setting.method_name,
         "setting": setting.name or "",
-        "backbone": str(cfg.backbone.name),
+        "backbone": str(rc.backbone["name"]),
         "random_weights": random_weights,
     }
     ctx = EvaluatorContext(
         setting.out_dir, list(ids), dataset, meta, options.save_predictions, options.num_overlays
     )
-    writers = [w for w in (factory(ctx) for factory in _evaluator_factories(cfg)) if w]
+    writers = [w for w in (factory(ctx) for factory in _evaluator_factories(rc)) if w]
     if dataset.has_labels:
         records = MetricEvaluator(setting.out_dir, ids, dataset.class_names, random_weights, suffix)
     else:
@@ -289,13 +339,13 @@ def _setting_run(
     return SettingRun(setting, writers, records)
 
 
-def _evaluator_factories(cfg) -> list:
+def _evaluator_factories(rc: RunConfig) -> list:
     """The ``evaluators:`` list of the config: factories ``(EvaluatorContext) -> Evaluator or
     None`` (``_target_`` + arguments, built as partials)."""
     from hydra.utils import instantiate
 
     out = []
-    for entry in plain(cfg.get("evaluators")) or []:
+    for entry in rc.evaluators:
         if not isinstance(entry, dict) or "_target_" not in entry:
             raise ConfigError(f"each entry of evaluators needs a _target_: {entry!r}")
         try:
@@ -354,28 +404,28 @@ def _session(started: str, t_start: float, images: int, stages, options) -> dict
     }
 
 
-def _dataset_summary(cfg, dataset, ids) -> dict[str, Any]:
+def _dataset_summary(rc: RunConfig, dataset, ids) -> dict[str, Any]:
     desc = {k: v for k, v in dataset.describe().items() if k != "name"}
     full = len(ids) == len(dataset) and getattr(dataset, "curated", True) is not False
     return {
-        "name": str(cfg.dataset.name),
+        "name": str(rc.dataset["name"]),
         **desc,
         "size": len(dataset),
         "num_images_run": len(ids),
-        "full_benchmark": bool(full and not cfg.dataset.get("ids_file")),
+        "full_benchmark": bool(full and not rc.dataset.get("ids_file")),
         "curated": getattr(dataset, "curated", None),
     }
 
 
-def _report(cfg, prep: _Prepared) -> dict[str, Any]:
+def _report(rc: RunConfig, prep: _Prepared) -> dict[str, Any]:
     """``results.json`` for every setting (and ``sweep_results.json`` for several)."""
     options, dataset, ids, runs = prep.options, prep.dataset, prep.ids, prep.runs
     rundir, random_weights = prep.rundir, prep.random_weights
     common = {
-        "dataset": _dataset_summary(cfg, dataset, ids),
+        "dataset": _dataset_summary(rc, dataset, ids),
         "resolution": options.resolution,
-        "backbone": rundir.backbone or plain(cfg.backbone),
-        "backbone_name": str(cfg.backbone.name),
+        "backbone": rundir.backbone or rc.backbone,
+        "backbone_name": str(rc.backbone["name"]),
         "random_weights": random_weights,
         "limit": options.limit,
         "seed": options.seed,
@@ -404,18 +454,20 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
     return results
 
 
-def _tracker(cfg, prep: _Prepared):
+def _tracker(rc: RunConfig, prep: _Prepared):
     from ..tracking import build_tracker
 
     rundir, settings, options = prep.rundir, prep.settings, prep.options
     random_weights = prep.random_weights
-    tags = [str(cfg.dataset.name), settings[0].method_name, f"res{options.resolution}"]
-    tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
-    config = dict(plain(cfg), random_weights=random_weights)
-    name = f"{cfg.dataset.name}-{settings[0].method_name}-{options.resolution}-{cfg.backbone.name}"
+    tags = [str(rc.dataset["name"]), settings[0].method_name, f"res{options.resolution}"]
+    tags += [str(rc.backbone["name"])] + (["random-weights"] if random_weights else [])
+    config = dict(rc.resolved, random_weights=random_weights)
+    name = (
+        f"{rc.dataset['name']}-{settings[0].method_name}-{options.resolution}-{rc.backbone['name']}"
+    )
     try:
         tracker = build_tracker(
-            plain(cfg.get("logger")),
+            rc.logger,
             rundir.path,
             config,
             tags=tags,
