@@ -1,6 +1,8 @@
 """DiffSeg: unsupervised segmentation by merging Stable Diffusion self-attention maps.
 
-The steps of docs/diffseg.md sections 4 and 5, each a function usable on its own (ablations, tests):
+The steps of docs/diffseg.md sections 4 and 5, each a function usable on its own (ablations, tests;
+step 1 in :mod:`diffseg.ops.aggregation`, shared with the K-Means baselines, steps 2-5 in
+:mod:`diffseg.methods.merging`):
 
 1. :func:`aggregate_attention` -- the per-resolution attention ``{64: (B,4096,4096), 32: ...,
    16: ..., 8: ...}`` becomes one tensor ``(B, 4096, 64, 64)``: 4096 key maps of 64x64, one per
@@ -14,20 +16,13 @@ The steps of docs/diffseg.md sections 4 and 5, each a function usable on its own
 
 :class:`DiffSeg` chains them with the release's defaults.
 
-Distances use :func:`symmetric_kl`, which expands
-``D(x, y) = 1/2 [sum x log x + sum y log y - x . log y - y . log x]`` so that all pairwise distances
-are two matrix products in float32 (the release broadcasts ``(256, 4096, 64, 64)`` in float16).
+Distances: :func:`~diffseg.methods.merging.symmetric_kl` (float32 matrix products).
 
 Zero probabilities: the KL needs strictly positive maps. Float32 softmax of real attention is
 positive, and bilinear upsampling and the weighted sum keep it so; the aggregated tensor is zero
 only where *every* used resolution is exactly zero, which happens with float16 attention
 (softmax underflow). That is refused with a clear error by default (the release would produce
 NaNs there); ``DiffSeg(min_prob=1e-12)`` floors such maps explicitly instead.
-
-Precision: the KL cross terms reach tens (``x . log y`` with ``log y`` near -40), so the products
-need true float32. On CUDA, leave TF32 matmuls off (torch's default;
-``torch.backends.cuda.matmul.allow_tf32 = True`` or ``set_float32_matmul_precision("high")``
-would make distance errors of about 1e-2 near the threshold).
 """
 
 from __future__ import annotations
