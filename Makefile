@@ -62,7 +62,7 @@ format: $(STAMP)
 
 # Segment the sample photos in assets/samples (downloads SD v1.4 once; BACKBONE=tiny: offline).
 demo: $(STAMP)
-	DIFFSEG_MAKE_TARGET=demo $(BIN)/python run.py dataset=folder dataset.path=assets/samples backbone=$(BACKBONE) \
+	$(BIN)/python run.py dataset=folder dataset.path=assets/samples backbone=$(BACKBONE) \
 		logger=none hydra.run.dir=outputs/demo_$(BACKBONE)
 
 # The demo page (app.py, Gradio) on http://127.0.0.1:7860; BACKBONE=tiny: offline, random weights.

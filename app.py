@@ -38,6 +38,7 @@ from diffseg.predictor import (  # noqa: E402
     available_backbones,
     available_methods,
     compose_config,
+    method_params,
     segment_together,
 )
 
@@ -95,7 +96,7 @@ def defaults_for(method: str, backbone: str, overrides: list[str]) -> tuple[dict
     from diffseg.tasks.build import is_random_config
 
     cfg = compose_config(method, backbone, overrides)
-    params = {k: v for k, v in plain(cfg.method).items() if not k.startswith("_")}
+    params = {k: v for k, v in method_params(cfg).items() if not k.startswith("_")}
     return params, is_random_config(plain(cfg.backbone))
 
 

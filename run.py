@@ -34,9 +34,16 @@ def _torchrun_setup() -> None:
         sys.argv += [f"hydra.job.name=run_rank{rank}", "hydra.output_subdir=null"]
 
 
+def _open_sweep() -> None:
+    """``sweep`` is an open mapping of method keys (configs/config.yaml: ``sweep: {}``): let
+    ``sweep.<any method key>=[...]`` add the key, as ``+sweep.<key>=[...]`` does."""
+    sys.argv[1:] = ["++" + a if a.startswith("sweep.") else a for a in sys.argv[1:]]
+
+
 if __name__ == "__main__":
     from diffseg.tasks.hydra_errors import install as one_line_hydra_errors
 
     one_line_hydra_errors()  # a mistyped key or group, an unwritable output dir: one line, exit 2
+    _open_sweep()
     _torchrun_setup()
     main()

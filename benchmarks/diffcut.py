@@ -8,7 +8,7 @@ alpha 10, 100 split candidates, output 128, PAMR 10 iterations at dilations 1, 2
 
 Reports seconds per image for
 
-- the recursive cut (``diffseg.ncut.ncut_labels``) and the literal per-candidate reference
+- the recursive cut (``diffseg.methods.ncut.ncut_labels``) and the literal per-candidate reference
   (``ncut_reference``: masked matrices, dense diagonal products, one candidate at a time),
   with the same leaves asserted;
 - the split search alone on the 1024-token top node: all 100 candidates in one matrix product
@@ -20,7 +20,7 @@ Reports seconds per image for
         --extraction --image-size 256                  # smoke run (seconds)
 
 - the cut with ``partial_eigh`` (the CPU's two-eigenpair solver; not the default, see
-  ``diffseg.ncut.second_eigenvector``) and the share of its tokens labelled as the default's;
+  ``diffseg.methods.ncut.second_eigenvector``) and the share of its tokens labelled as the default's;
 - the feature extraction, one UNet pass up to the layer DiffCut reads (``--extraction``): random
   SDXL-base-shaped weights at 1024 px on CUDA, the tiny SDXL-shaped model on the CPU.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffseg.ncut import (
+from diffseg.methods.ncut import (
     affinity_matrix,
     assign_concepts,
     best_threshold_cut,
@@ -45,7 +45,7 @@ from diffseg.ncut import (
     ncut_reference,
     threshold_cut_loop,
 )
-from diffseg.pamr import refine_labels
+from diffseg.ops.pamr import refine_labels
 
 
 def clustered_features(seed: int, c: int = 1280, h: int = 32, k: int = 6) -> torch.Tensor:

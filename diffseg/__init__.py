@@ -4,8 +4,9 @@ The public API (see README.md):
 
 - backbones: :class:`StableDiffusionBackbone` (SD 1.x/2.x), :class:`SDXLBackbone` (SDXL, SSD-1B,
   Vega), :func:`build_backbone` (by registered name); images -> :class:`Features`;
-- methods: :class:`DiffSeg`, the K-Means baselines (:class:`KMeansSegmentor`, ``kmeans_c``,
-  ``kmeans_s``), :class:`DiffCut` (and :func:`pamr`, its refinement);
+- methods (``diffseg.methods``, one contract): :class:`DiffSeg`, the K-Means baselines
+  (:class:`KMeansSegmentor`, ``kmeans_c``, ``kmeans_s``), :class:`DiffCut`; :func:`pamr`, the
+  refinement several methods share (``diffseg.ops``);
 - one call from a photo to segments: :class:`Segmenter` (``diffseg/predictor.py``);
 - generation: :class:`SeeDiff` (image / mask pairs from Stable Diffusion);
 - ``diffseg.data``: the benchmark datasets and image folders; ``eval.metrics``: the protocol.
@@ -16,13 +17,13 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .baselines import KMeansSegmentor, kmeans_c, kmeans_s
 from .features import FeatureRequest, Features
-
-# Eager on purpose: the function must shadow its submodule's name on the package.
-from .pamr import pamr  # noqa: I001
+from .methods.diffseg import DiffSeg
+from .methods.kmeans import KMeansSegmentor, kmeans_c, kmeans_s
+from .methods.merging import proposals_to_labels, symmetric_kl
+from .ops.aggregation import aggregate_attention
+from .ops.pamr import pamr
 from .quiet import silence_known_notices
-from .segmentor import DiffSeg, aggregate_attention, proposals_to_labels, symmetric_kl
 
 silence_known_notices()  # drops transformers' torchvision notice only (see diffseg/quiet.py)
 

@@ -115,6 +115,23 @@ class Protocol:
     dtype: str
 
 
+def method_params(cfg: DictConfig) -> dict[str, Any]:
+    """The method config of a composed config with the method's own defaults for a folder of
+    photos on the config's backbone filled in where it says null (as ``run.py`` does)."""
+    from .engine.config import plain
+    from .engine.settings import with_defaults
+    from .methods.base import MethodContext
+    from .tasks.build import backbone_family
+
+    backbone = plain(cfg.backbone)
+    context = MethodContext(
+        dataset="folder",
+        backbone=str(backbone.get("name", "")),
+        backbone_family=backbone_family(backbone),
+    )
+    return with_defaults(plain(cfg.method), context)
+
+
 def read_protocol(cfg: DictConfig) -> Protocol:
     """The method's protocol from a composed config: the one place that knows where its keys
     live (top level today)."""
@@ -327,7 +344,7 @@ class Segmenter:
         self.backbone_name = str(self.cfg.backbone.name)
         self.image_size = self.protocol.image_size or native_image_size(plain(self.cfg.backbone))
         self.resolution = self.protocol.resolution
-        self.params: dict[str, Any] = plain(self.cfg.method)
+        self.params: dict[str, Any] = method_params(self.cfg)
         self._methods: dict[str, Any] = {_key({}): instantiate_method(self.params)}
         self.model = model or build_backbone_from_config(plain(self.cfg.backbone), self.knobs)
         self._check(self._methods[_key({})])

@@ -18,7 +18,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NullTracker", "Tracker", "WandbTracker", "build_tracker", "wandb_logged_in"]
+__all__ = [
+    "NullTracker",
+    "Tracker",
+    "WandbTracker",
+    "build_tracker",
+    "null_tracker",
+    "wandb_logged_in",
+    "wandb_tracker",
+]
 
 
 class Tracker:
@@ -209,8 +217,18 @@ def build_tracker(
     run_id: str | None = None,
     name: str | None = None,
 ) -> Tracker:
-    """The tracker a ``logger`` config asks for (``name``: wandb or none)."""
+    """The tracker a ``logger`` config asks for: its ``_target_`` (a factory such as
+    :func:`wandb_tracker` or :func:`null_tracker`, called with the run's ``run_dir``, ``config``,
+    ``tags``, ``run_id`` and ``name``), or the older ``name: wandb | none``."""
     cfg = dict(logger_cfg or {})
+    if "_target_" in cfg:
+        from hydra.utils import get_method
+
+        factory = get_method(str(cfg.pop("_target_")))
+        tags = [*tags, *(cfg.pop("tags", None) or [])]
+        cfg.pop("log_every", None)  # read by the progress bar, not by the tracker
+        cfg.pop("name", None)
+        return factory(run_dir=run_dir, config=config, tags=tags, run_id=run_id, name=name, **cfg)
     kind = str(cfg.get("name", "none")).lower()
     if kind in ("none", "null", "off", "false"):
         return NullTracker()
@@ -230,3 +248,28 @@ def build_tracker(
         run_id=run_id,
         name=name,
     )
+
+
+def null_tracker(**_: Any) -> Tracker:
+    """No tracking (``logger=none``)."""
+    return NullTracker()
+
+
+def wandb_tracker(
+    run_dir: str | os.PathLike,
+    config: Mapping[str, Any],
+    tags: Sequence[str] = (),
+    run_id: str | None = None,
+    name: str | None = None,
+    project: str = "diffseg",
+    entity: str | None = None,
+    group: str | None = None,
+    mode: str | None = "auto",
+) -> Tracker:
+    """A :class:`WandbTracker` (``logger=wandb``), or none when the mode resolves to disabled."""
+    if _resolve_mode(mode)[0] == "disabled":
+        return NullTracker()
+    return WandbTracker(
+        run_dir, config, project=project or "diffseg", entity=entity, group=group, tags=tags,
+        mode=mode, run_id=run_id, name=name,
+    )  # fmt: skip

@@ -19,9 +19,10 @@ from hydra.utils import get_object
 
 from diffseg.backbones import BACKBONES, WeightsNotFoundError
 from diffseg.engine.config import check_config, plain
-from diffseg.engine.settings import instantiate_method
+from diffseg.engine.settings import instantiate_method, with_defaults
 from diffseg.errors import ConfigError
 from diffseg.features import FeatureRequest, Features
+from diffseg.methods import Method, MethodContext
 from diffseg.tasks.build import (
     build_backbone_from_config,
     build_dataset_from_config,
@@ -32,7 +33,7 @@ from diffseg.testing import fakedata, fakedata_diffcut, synthetic_attention
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-GROUPS = ("dataset", "method", "backbone", "logger", "experiment", "hydra/launcher")
+GROUPS = ("dataset", "method", "protocol", "backbone", "logger", "experiment", "hydra/launcher")
 
 
 def names(group: str) -> list[str]:
@@ -60,9 +61,10 @@ ALL_CHOICES = [(g, n) for g in GROUPS for n in names(g)]
 
 def test_the_walk_sees_every_group():
     found = {g for g, _ in ALL_CHOICES}
-    assert {"dataset", "method", "backbone", "logger", "experiment"} <= found
+    assert {"dataset", "method", "protocol", "backbone", "logger", "experiment"} <= found
     top = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
-    assert top <= {"dataset", "method", "backbone", "logger", "experiment", "hydra"}, top
+    groups = {"dataset", "method", "protocol", "backbone", "logger", "experiment", "hydra"}
+    assert top <= groups, top
 
 
 @pytest.mark.parametrize(("group", "name"), ALL_CHOICES, ids=[f"{g}={n}" for g, n in ALL_CHOICES])
@@ -88,7 +90,7 @@ def test_main_config_and_hydra_settings_resolve():
         run_dir = str(cfg.hydra.run.dir)
     assert run_dir.startswith("outputs/coco_stuff27/kmeans_c_320/")
     knobs = check_config(compose_cfg("dataset=folder", "dataset.path=/x", "device=cpu"))
-    assert knobs["resolution"] == 512 and knobs["limit"] is None
+    assert knobs.resolution == 512 and knobs.limit is None
 
 
 # ---- methods ---------------------------------------------------------------------------------
@@ -144,14 +146,16 @@ def synthetic_features(request: FeatureRequest, labels: torch.Tensor, maps) -> F
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_meets_the_contract(name, synthetic_batch):
     labels, maps = synthetic_batch
-    method = instantiate_method(plain(compose_cfg(f"method={name}").method))
+    params = with_defaults(plain(compose_cfg(f"method={name}").method), MethodContext())
+    method = instantiate_method(params)
+    assert isinstance(method, Method)
     request = method.feature_request()
     assert isinstance(request, FeatureRequest) and not request.is_empty()
     assert isinstance(method.name, str) and method.name
     desc = method.describe()
     assert isinstance(desc, dict) and desc["name"] == method.name
     features = synthetic_features(request, labels, maps)
-    hints = {"num_classes": [6, 6]} if "num_classes" in getattr(method, "hints", ()) else None
+    hints = {"num_classes": [6, 6]} if "num_classes" in method.hints else None
     out = method.segment(features, 32, hints)
     assert out.shape == (2, 32, 32) and out.dtype == torch.int64
     assert int(out.min()) >= 0
@@ -164,8 +168,8 @@ def test_methods_include_the_registered_ones():
 
 
 def test_bad_method_parameters_are_config_errors():
-    params = plain(compose_cfg("method=diffseg").method)
-    with pytest.raises(ConfigError, match="num_points"):
+    params = with_defaults(plain(compose_cfg("method=diffseg").method), MethodContext())
+    with pytest.raises(ConfigError, match="num_points=0 is invalid: it must be an integer >= 1"):
         instantiate_method({**params, "num_points": 0})
     with pytest.raises(ConfigError, match="_target_"):
         instantiate_method({k: v for k, v in params.items() if k != "_target_"})

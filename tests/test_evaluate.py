@@ -218,7 +218,7 @@ def test_resume_after_kill_equals_uninterrupted_and_sweep_shares_features(
     a torn last row in one setting (kill -9 mid-write), then resumed: the 1.1 setting equals
     the uninterrupted reference run exactly, and results.json keeps both sessions' timings."""
     ref_dir, _ = ref_run
-    cfg = compose_cfg(*base(coco_root), "sweep.kl_threshold=[1.1,1.0]", "num_overlays=0")
+    cfg = compose_cfg(*base(coco_root), "+sweep.kl_threshold=[1.1,1.0]", "num_overlays=0")
     counting = CountingBackbone(tiny_backbone)
 
     def interrupt(done: int, ids: list[str]) -> None:
@@ -289,7 +289,7 @@ def test_resume_mid_batch_segments_only_the_missing_images(coco_root, tiny_backb
     the 0.9 setting none. The resume passes the batch through the UNet once and each setting
     segments only what it lacks; every row equals the one the interrupted session computed."""
     cfg = compose_cfg(
-        *base(coco_root), "batch_size=2", "sweep.kl_threshold=[1.1,0.9]", "num_overlays=0"
+        *base(coco_root), "batch_size=2", "+sweep.kl_threshold=[1.1,0.9]", "num_overlays=0"
     )
     counting = CountingBackbone(tiny_backbone)
 
@@ -365,18 +365,17 @@ def test_setting_names_keep_floats():
     assert format_value([1.1, 1.0]) == "1.1-1.0" and format_value(1e-5) == "1e-05"
 
 
-def test_dataset_sets_threshold_and_method_overrides():
+def test_method_defaults_are_the_methods_and_explicit_values_win():
     cfg = compose_cfg("dataset=cityscapes")
-    assert cfg.method.kl_threshold == 0.9
+    assert cfg.method.kl_threshold is None and "kl_threshold" not in cfg.dataset
     cfg = compose_cfg("dataset=cityscapes", "method.kl_threshold=1.0")
     assert cfg.method.kl_threshold == 1.0
     cfg = compose_cfg("experiment=coco_table1_diffseg_320")
-    assert cfg.resolution == 320 and cfg.method.kl_threshold == 1.1
-    assert cfg.backbone.name == "sd14"
+    assert cfg.resolution == 320 and cfg.backbone.name == "sd14"
     cfg = compose_cfg("experiment=ablation_threshold")
     assert list(cfg.sweep.kl_threshold) == [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
     cfg = compose_cfg("experiment=cityscapes_diffseg_320")
-    assert cfg.dataset.name == "cityscapes" and cfg.method.kl_threshold == 0.9
+    assert cfg.dataset.name == "cityscapes" and cfg.resolution == 320
 
 
 @pytest.mark.parametrize(
@@ -388,7 +387,8 @@ def test_dataset_sets_threshold_and_method_overrides():
         ("dtype=int8", "dtype='int8'"),
         ("batch_size=0", "batch_size=0"),
         ("+sweep.bogus=[1,2]", "no parameter 'bogus'"),
-        ("method.num_points=0", "num_points"),
+        ("method.num_points=0", "num_points=0 is invalid"),
+        ("method.kl_threshold=abc", "kl_threshold='abc' is invalid: it must be a number > 0"),
     ],
 )
 def test_bad_values_give_one_clear_error(coco_root, tmp_path, override, match):

@@ -145,7 +145,7 @@ def test_per_call_parameters_equal_run_py_settings(seg, kmeans, photo_file, tmp_
     """Each per-call setting gives exactly the label PNG of the same run.py sweep setting."""
     folder = photo_file.parent
     run = _run_py_predictions(
-        folder, tmp_path / "diffseg", seg.model, "sweep.kl_threshold=[0.0001,1.1]"
+        folder, tmp_path / "diffseg", seg.model, "+sweep.kl_threshold=[0.0001,1.1]"
     )
     for value in (0.0001, 1.1):
         ours = seg(photo_file, kl_threshold=value).labels
@@ -213,7 +213,7 @@ def test_methods_come_from_the_configs(seg, tmp_path, photo_file):
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, configs)
     (configs / "method" / "three_means.yaml").write_text(
-        "_target_: diffseg.baselines.kmeans_c\nnum_clusters: 3\nseed: ${seed}\n"
+        "_target_: diffseg.methods.kmeans.KMeansC\nnum_clusters: 3\nseed: ${seed}\n"
     )
     new = Segmenter("three_means", "tiny", overrides=SMALL, model=seg.model, config_dir=configs)
     assert new(photo_file).num_segments == 3

@@ -283,7 +283,7 @@ def test_a_threshold_and_layer_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, 
         cfg = compose(config_name="config", overrides=[
             "method=seg4diff", "backbone=tiny_sd3", f"dataset.root={root}",
             "dataset.curated=false", "logger=none", "num_workers=0", "resolution=64",
-            "sweep.kl_threshold=[0.035,0.1]", "+sweep.layer=[8,9]"])  # fmt: skip
+            "+sweep.kl_threshold=[0.035,0.1]", "+sweep.layer=[8,9]"])  # fmt: skip
     out = evaluate(cfg, tmp_path / "run", backbone=Counting(tiny_sd3))
     assert calls == [1, 1]  # one transformer pass per image serves every setting
     assert len(out["results"]) == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import ConfigError
 from ..precision import DTYPES, resolve_device, resolve_dtype
 
-__all__ = ["DTYPES", "check_config", "plain", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "RunOptions", "check_config", "plain", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,27 @@ def plain(cfg: Any) -> Any:
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run's top-level options, checked and resolved (configs/config.yaml documents each)."""
+
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype | None
+    attention_dtype: torch.dtype
+    image_size: int | None
+    batch_size: int
+    limit: int | None
+    num_workers: int
+    num_overlays: int
+    seed: int
+    save_predictions: bool
+    overlap: bool
+    num_shards: int = 1
+    shard_index: int = 0
 
 
 def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> int | None:
@@ -57,8 +79,8 @@ def _image_size(value: Any) -> int | None:
     return value
 
 
-def check_config(cfg: DictConfig) -> dict[str, Any]:
-    """Validate the top-level knobs; returns them resolved (device, dtypes, ints)."""
+def check_config(cfg: DictConfig) -> RunOptions:
+    """Validate the top-level options; returns them resolved (device, dtypes, ints)."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as err:  # MissingMandatoryValue, InterpolationResolutionError
@@ -77,26 +99,28 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     ):
         raise ConfigError(
             f"resolution={resolution!r} is invalid; it is the evaluation size in pixels (labels "
-            f"and predictions), an integer in [{lo}, {hi}] (DiffSeg: 320 or 512, DiffCut: 128)"
+            f"and predictions), an integer in [{lo}, {hi}] (each protocol sets its own: configs/protocol/)"
         )
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "float32"), device)
     precision = cfg.get("precision") or {}
     vae = precision.get("vae")
-    return {
-        "resolution": resolution,
-        "device": device,
-        "dtype": dtype,
-        "vae_dtype": None if vae is None else resolve_dtype(vae, device),
-        "attention_dtype": resolve_dtype(precision.get("attention") or "float32", device),
-        "image_size": _image_size(cfg.get("image_size")),
-        "batch_size": _int_knob(cfg, "batch_size", 1),
-        "limit": _int_knob(cfg, "limit", 1, allow_none=True),
-        "num_workers": _int_knob(cfg, "num_workers", 0),
-        "num_overlays": _int_knob(cfg, "num_overlays", 0),
-        "seed": _int_knob(cfg, "seed", 0),
-        "save_predictions": bool(cfg.get("save_predictions", False)),
-        "overlap": _overlap(cfg.get("overlap"), device),
-        "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
-        "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
-    }
+    return RunOptions(
+        **{
+            "resolution": resolution,
+            "device": device,
+            "dtype": dtype,
+            "vae_dtype": None if vae is None else resolve_dtype(vae, device),
+            "attention_dtype": resolve_dtype(precision.get("attention") or "float32", device),
+            "image_size": _image_size(cfg.get("image_size")),
+            "batch_size": _int_knob(cfg, "batch_size", 1),
+            "limit": _int_knob(cfg, "limit", 1, allow_none=True),
+            "num_workers": _int_knob(cfg, "num_workers", 0),
+            "num_overlays": _int_knob(cfg, "num_overlays", 0),
+            "seed": _int_knob(cfg, "seed", 0),
+            "save_predictions": bool(cfg.get("save_predictions", False)),
+            "overlap": _overlap(cfg.get("overlap"), device),
+            "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
+            "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
+        }
+    )

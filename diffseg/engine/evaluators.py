@@ -27,6 +27,10 @@ from .records import (
 
 __all__ = [
     "Evaluator",
+    "EvaluatorContext",
+    "Records",
+    "overlay_writer",
+    "prediction_writer",
     "MetricEvaluator",
     "OverlayWriter",
     "PredictionWriter",
@@ -68,7 +72,7 @@ class Evaluator:
         """Release files (called on success and on failure)."""
 
 
-class _Records(Evaluator):
+class Records(Evaluator):
     """Shared by the record-keeping evaluators: ``per_image.csv`` in ``out_dir``."""
 
     columns: list[str] = []
@@ -83,6 +87,10 @@ class _Records(Evaluator):
         self.done: set[str] = set()
         self.resumed = 0
         self.writer: RowWriter | None = None
+
+    def running(self) -> dict[str, Any] | None:
+        """The running metrics so far (``acc``, ``miou``), None when there are none."""
+        return None
 
     def _load(self) -> list[dict[str, Any]]:
         """The records of every process's file that this run wants; sets ``done``."""
@@ -116,7 +124,7 @@ class _Records(Evaluator):
             self.writer.close()
 
 
-class MetricEvaluator(_Records):
+class MetricEvaluator(Records):
     """Per-image Hungarian matching (:class:`eval.metrics.HungarianMetrics`), summed exactly over
     the images, with one durable row per image (its integer TP/FP/FN) in ``per_image.csv``."""
 
@@ -171,7 +179,7 @@ class MetricEvaluator(_Records):
         }
 
 
-class SegmentCounter(_Records):
+class SegmentCounter(Records):
     """Images without labels: one row per image with its number of segments."""
 
     columns = CSV_COLUMNS_UNLABELLED
@@ -276,3 +284,46 @@ class OverlayWriter(Evaluator):
 
     def evaluate(self) -> dict[str, Any]:
         return {"overlays": [str(p) for p in sorted(self.folder.glob("**/*.png"))]}
+
+
+@dataclass(frozen=True)
+class EvaluatorContext:
+    """What an evaluator factory (the ``evaluators:`` list of configs/config.yaml) may use.
+
+    Attributes:
+        out_dir: the setting's output folder.
+        ids: the ids this run evaluates.
+        dataset: the dataset (``has_labels``, ``name``, ``load_rgb``, ...).
+        metadata: method, setting, backbone and random-weights flag (written into PNGs).
+        save_predictions, num_overlays: the run's options.
+    """
+
+    out_dir: Path
+    ids: list[str]
+    dataset: Any
+    metadata: dict[str, Any]
+    save_predictions: bool
+    num_overlays: int
+
+    @property
+    def is_folder(self) -> bool:
+        return self.dataset.name == "folder"
+
+
+def prediction_writer(ctx: EvaluatorContext) -> Evaluator | None:
+    """A :class:`PredictionWriter` when predictions are asked for, or the images have no labels."""
+    if not (ctx.save_predictions or not ctx.dataset.has_labels):
+        return None
+    return PredictionWriter(ctx.out_dir, ctx.metadata, original_size=ctx.is_folder)
+
+
+def overlay_writer(ctx: EvaluatorContext) -> Evaluator | None:
+    """An :class:`OverlayWriter` for the first ``num_overlays`` images (image folders: all)."""
+    shown = ctx.ids if ctx.is_folder else ctx.ids[: ctx.num_overlays]
+    if not shown:
+        return None
+    photo = None
+    if ctx.is_folder:
+        index_of = {image_id: k for k, image_id in enumerate(ctx.dataset.ids)}
+        photo = lambda image_id: ctx.dataset.load_rgb(index_of[image_id])  # noqa: E731
+    return OverlayWriter(ctx.out_dir, shown, ctx.metadata, load_photo=photo)

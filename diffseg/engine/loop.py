@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ..features import FeatureRequest, merge_requests
-from .evaluators import Evaluator, SegmentedBatch
+from ..methods.base import Method
+from .evaluators import Evaluator, Records, SegmentedBatch
 from .settings import Setting
 
 __all__ = ["SettingRun", "StageTimes", "predict", "run_loop"]
@@ -52,14 +53,18 @@ class StageTimes:
 
 @dataclass
 class SettingRun:
-    """A setting with its evaluators; ``records`` (the last evaluator) knows what is done."""
+    """A setting with its evaluators: ``writers`` (predictions, overlays, ...) and ``records``,
+    the durable per-image records, which know what is done (the resume ledger). ``records``
+    runs last, so a recorded image has its files on disk."""
 
     setting: Setting
-    evaluators: list[Evaluator]
+    writers: list[Evaluator]
+    records: Records
 
     @property
-    def records(self) -> Any:
-        return self.evaluators[-1]
+    def evaluators(self) -> list[Evaluator]:
+        """Every evaluator in processing order: the writers, then the records."""
+        return [*self.writers, self.records]
 
 
 def classes_per_image(labels: torch.Tensor) -> list[int]:
@@ -95,27 +100,51 @@ def _drop_skipped(batch: dict[str, Any], times: StageTimes) -> dict[str, Any] | 
     }
 
 
-def predict(method, features, size: int, hints, labels, background: tuple[int, int] | None):
-    """A method's labels ``(B, S, S)`` on the CPU; on a dataset with a background class
-    (``background = (index, num_classes)``) the segments no object class claims are merged into
-    one background segment (:func:`eval.metrics.merge_background`) before the method's label
-    refinement, as DiffCut's release orders them."""
+#: The per-image hints the engine can provide, by name: ``labels (B, S, S) -> one value per image``.
+HINTS: dict[str, Callable[[torch.Tensor], list[Any]]] = {"num_classes": classes_per_image}
+
+
+def background_merger(labels, background: tuple[int, int] | None):
+    """The background merge of a batch (:func:`eval.metrics.merge_background` per image, against
+    its ``labels``) for a dataset with a background class (``background = (index,
+    num_classes)``); None otherwise."""
     if background is None:
-        return method.segment(features, size, hints).cpu()
+        return None
     from eval.metrics import merge_background
 
-    deferred = bool(getattr(method, "refines_labels", False))
-    raw = (method.segment_unrefined if deferred else method.segment)(features, size, hints)
     index, num_classes = background
-    merged = torch.stack(
-        [
-            merge_background(p, lab, index, num_classes)
-            for p, lab in zip(raw.cpu(), labels, strict=True)
-        ]
-    )
-    if deferred:
-        merged = method.refine_labels(merged.to(raw.device), features)
-    return merged.cpu()
+
+    def merge(preds: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                merge_background(p, lab, index, num_classes)
+                for p, lab in zip(preds, labels, strict=True)
+            ]
+        )
+
+    return merge
+
+
+def hints_for(method: Method, labels) -> dict[str, Any] | None:
+    """The hints ``method`` declares, computed from the batch's labels (None when it needs none)."""
+    if not method.hints:
+        return None
+    unknown = [h for h in method.hints if h not in HINTS]
+    if unknown:
+        raise ValueError(
+            f"{method.name} asks for hints {unknown}; the engine provides {list(HINTS)}"
+        )
+    if labels is None:
+        raise ValueError(f"{method.name} needs labels for its hints {list(method.hints)}")
+    stacked = torch.stack(labels)
+    return {h: HINTS[h](stacked) for h in method.hints}
+
+
+def predict(method: Method, features, size: int, hints, labels, background):
+    """A method's labels ``(B, S, S)`` on the CPU, through its own :meth:`Method.predict` (which
+    orders the background merge and any refinement)."""
+    merge = background_merger(labels, background) if labels is not None else None
+    return method.predict(features, size, hints, merge).cpu()
 
 
 def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict, background):
@@ -125,11 +154,9 @@ def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict
         return None
     method = run.setting.method
     t0 = time.perf_counter()
-    hints = {}
     labels = [items[k]["label"] for k in pending] if "label" in items[0] else None
-    if "num_classes" in getattr(method, "hints", ()):
-        hints["num_classes"] = classes_per_image(torch.stack(labels))
-    preds = predict(method, features.select(pending), resolution, hints or None, labels, background)
+    hints = hints_for(method, labels)
+    preds = predict(method, features.select(pending), resolution, hints, labels, background)
     timer["method"] += time.perf_counter() - t0
     return SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
 
@@ -263,5 +290,4 @@ def _after_first_batch(backbone, runs: Sequence[SettingRun]) -> None:
     """The inputs were checked once; later batches skip the checks that wait for the device."""
     backbone.check_inputs = False
     for run in runs:
-        if hasattr(run.setting.method, "check_inputs"):
-            run.setting.method.check_inputs = False
+        run.setting.method.check_inputs = False

@@ -139,6 +139,40 @@ class RunDir:
     def add_session(self, session: dict[str, Any]) -> None:
         self.save(session)
 
+    # -- what run.json holds besides the fingerprint: typed accessors (the file is unchanged) --
+
+    @property
+    def sessions(self) -> list[dict[str, Any]]:
+        """One entry per session (start, end, images, stages, ...)."""
+        return self.state.setdefault("sessions", [])
+
+    @property
+    def backbone(self) -> dict[str, Any] | None:
+        """The loaded backbone's description (set by the first session that loaded it)."""
+        return self.state.get("backbone")
+
+    @backbone.setter
+    def backbone(self, value: dict[str, Any]) -> None:
+        self.state["backbone"] = value
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Unreadable images passed over: id and reason."""
+        return self.state.get("skipped") or []
+
+    @skipped.setter
+    def skipped(self, value: list[dict[str, str]]) -> None:
+        self.state["skipped"] = value
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The W&B run id, so that a resumed run logs into the same W&B run."""
+        return self.state.get("wandb_id")
+
+    @wandb_id.setter
+    def wandb_id(self, value: str | None) -> None:
+        self.state["wandb_id"] = value
+
     # Hydra rewrites .hydra/*.yaml at every start: keep the first start's copy, and put it back
     # when a resume is refused so the run dir still describes its own run.
     def _keep_hydra_files(self) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..methods.base import Method, MethodContext
 
-__all__ = ["Setting", "build_settings", "format_value", "instantiate_method"]
+__all__ = ["Setting", "build_settings", "format_value", "instantiate_method", "method_class"]
 
 
 def format_value(value: Any) -> str:
@@ -36,37 +37,61 @@ class Setting:
     name: str | None
     params: dict[str, Any]
     overrides: dict[str, Any] = field(default_factory=dict)
-    method: Any = None
+    method: Method | None = None
     out_dir: Path | None = None
 
     @property
     def method_name(self) -> str:
-        return str(getattr(self.method, "name", type(self.method).__name__))
+        return self.method.name
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able settings: the method's own description, or its config."""
-        if hasattr(self.method, "describe"):
-            return self.method.describe()
-        return {"name": self.method_name, **{k: v for k, v in self.params.items() if k[0] != "_"}}
+        """JSON-able settings: the method's own description."""
+        return self.method.describe()
 
 
-def instantiate_method(params: Mapping[str, Any]) -> Any:
-    """The method object of a config with ``_target_``; a method must have ``feature_request``
-    and ``segment``. Unknown or bad parameters raise :class:`ConfigError`."""
+def method_class(params: Mapping[str, Any]) -> type[Method]:
+    """The :class:`Method` subclass a method config's ``_target_`` names."""
+    from hydra.utils import get_class
+
+    target = params.get("_target_")
+    if not target:
+        raise ConfigError("the method config has no _target_ (the method class to build)")
+    try:
+        cls = get_class(str(target))
+    except Exception:  # ImportError, AttributeError, or not a class: Hydra wraps them
+        raise ConfigError(
+            f"method._target_={target!r} is not a class that can be imported (a run dir written "
+            "by an older version of diffseg names old module paths: re-run it in a new run dir)"
+        ) from None
+    if not issubclass(cls, Method):
+        raise ConfigError(
+            f"method._target_={target!r} is not a method: subclass diffseg.methods.Method"
+        )
+    return cls
+
+
+def instantiate_method(params: Mapping[str, Any]) -> Method:
+    """The method object of a config with ``_target_`` (a :class:`Method` subclass). Unknown or
+    bad parameters raise :class:`ConfigError` naming the key and the value."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    if "_target_" not in params:
-        raise ConfigError("the method config has no _target_ (the class or function to build)")
+    method_class(params)
     try:
-        method = instantiate(dict(params), _convert_="all")
+        return instantiate(dict(params), _convert_="all")
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"method {params['_target_']}: {cause}") from None
-    for needed in ("feature_request", "segment"):
-        if not callable(getattr(method, needed, None)):
-            raise ConfigError(f"{params['_target_']} is not a method: it has no {needed}()")
-    return method
+
+
+def with_defaults(params: Mapping[str, Any], context: MethodContext) -> dict[str, Any]:
+    """The method config with its class's per-dataset / per-backbone defaults where it says
+    null (an explicit value always wins)."""
+    out = dict(params)
+    for key, value in method_class(params).defaults(context).items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
 
 
 def _check_keys(keys: Sequence[str], params: Mapping[str, Any], where: str) -> None:
@@ -103,11 +128,13 @@ def build_settings(
     sweep: Mapping[str, Any] | None,
     variants: Sequence[Mapping[str, Any]] | None,
     run_dir: Path,
+    context: MethodContext | None = None,
 ) -> list[Setting]:
     """The settings of a run: the cartesian product of the non-null ``sweep`` lists, then each
-    ``variants`` entry, every one applied over the method config; none of them: the method alone
-    (outputs in the run dir itself; otherwise one subfolder per setting)."""
-    params = dict(method_cfg)
+    ``variants`` entry, every one applied over the method config (with the method's defaults for
+    ``context`` where it says null); none of them: the method alone (outputs in the run dir
+    itself; otherwise one subfolder per setting)."""
+    params = with_defaults(method_cfg, context or MethodContext())
     overrides = _overrides(sweep or {}, variants or [], params)
     if not overrides:
         return [Setting(None, params, {}, instantiate_method(params), run_dir)]

@@ -1,45 +1,16 @@
-"""Segmentation methods and their contract.
+"""Segmentation methods, one contract (:class:`~diffseg.methods.base.Method`, ``base.py``).
 
-A method is an object with
+- :mod:`.diffseg`: DiffSeg (its merging numerics in :mod:`.merging`);
+- :mod:`.kmeans`: the K-Means baselines (K-Means-C, K-Means-S);
+- :mod:`.diffcut`: DiffCut and its AutoSC ablation (the cut and AutoSC in :mod:`.ncut`).
 
-- ``name``: a short name for results and logs;
-- ``feature_request() -> FeatureRequest``: what it needs from the UNet pass
-  (:mod:`diffseg.features`);
-- ``segment(features, output_size, hints=None) -> LongTensor (B, S, S)``: segment ids for a batch,
-  ``S = output_size`` (the evaluation size); ``hints`` carries per-image extra inputs that the
-  engine provides on request (``hints`` attribute: e.g. K-Means-S's ``"num_classes"``); a hint the
-  method does not list is an error;
-- ``describe() -> dict``: its settings, JSON-able (written to results.json);
-- optionally ``check_inputs`` (bool): the engine sets it False after the first batch, to skip
-  checks that wait for the device.
-
-The registered methods: :class:`diffseg.DiffSeg` (``diffseg/segmentor.py``), the K-Means baselines
-(``diffseg/baselines.py``) and DiffCut (``diffseg/methods/diffcut.py``). A new method is one module
-and one config in ``configs/method/`` with its ``_target_``.
+Numerical parts several methods share (attention aggregation, K-Means, PAMR) live in
+:mod:`diffseg.ops`. A new method is one module here and one config in ``configs/method/`` with its
+``_target_`` (docs/architecture.md, "How to add a method").
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from .base import Method, MethodContext, ParameterError, RefiningMethod, check_hints
 
-from torch import Tensor
-
-from ..features import FeatureRequest, Features
-from ..segmentor import check_hints
-
-__all__ = ["Method", "check_hints"]
-
-
-@runtime_checkable
-class Method(Protocol):
-    """The contract every method meets (see the module docstring)."""
-
-    name: str
-
-    def feature_request(self) -> FeatureRequest: ...
-
-    def segment(
-        self, features: Features, output_size: int, hints: dict[str, Any] | None = None
-    ) -> Tensor: ...
-
-    def describe(self) -> dict[str, Any]: ...
+__all__ = ["Method", "MethodContext", "ParameterError", "RefiningMethod", "check_hints"]

@@ -1,8 +1,8 @@
 """DiffCut (Couairon et al., NeurIPS 2024): recursive normalized cut of one UNet layer's tokens.
 
-Per image: the recursive cut of the token graph (:func:`diffseg.ncut.ncut_labels`), then
-concept assignment at the output size (:func:`diffseg.ncut.assign_concepts`), then, when
-``refine`` is on, PAMR on the input image (:func:`diffseg.pamr.refine_labels`). The AutoSC
+Per image: the recursive cut of the token graph (:func:`diffseg.methods.ncut.ncut_labels`), then
+concept assignment at the output size (:func:`diffseg.methods.ncut.assign_concepts`), then, when
+``refine`` is on, PAMR on the input image (:func:`diffseg.ops.pamr.refine_labels`). The AutoSC
 variant swaps the recursive cut for one spectral clustering with an eigengap choice of k.
 
 Features are cast to float32 and L2-normalised over channels, as the release does; the graph
@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import LAST_ENCODER_SELF_ATTENTION, FeatureRequest, Features
-from ..ncut import assign_concepts, autosc_labels, ncut_labels
-from ..pamr import refine_labels
-from ..segmentor import check_hints
-from .refine import images_for_labels
+from ..ops.pamr import images_for_labels, refine_labels
+from .base import MethodContext, RefiningMethod, check_hints, check_int, check_list, check_number
+from .ncut import assign_concepts, autosc_labels, ncut_labels
 
 __all__ = ["DiffCut", "DiffCutAutoSC", "pamr_input", "token_grid"]
 
-#: The image PAMR compares pixels of (one helper for every method: methods/refine.py).
+#: The image PAMR compares pixels of (one helper for every method: ops/pamr.py).
 pamr_input = images_for_labels
 
 #: DiffCut's UNet pass: t = 50, noise from a generator seeded 42 (release constants).
@@ -54,15 +53,7 @@ def token_grid(output: Tensor) -> Tensor:
     return output.float().transpose(1, 2).reshape(b, c, side, side)
 
 
-def _number(name: str, value: Any) -> float:
-    """``value`` as a float, or a ``ValueError`` naming the parameter."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-class _TokenSegmenter:
+class _TokenSegmenter(RefiningMethod):
     """Shared pipeline: token labels per image, concept assignment, optional PAMR; and the
     method contract of the engine (:mod:`diffseg.methods`)."""
 
@@ -80,15 +71,13 @@ class _TokenSegmenter:
         noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
         self.refine = bool(refine)
-        self.mask_size = int(mask_size)
-        self.pamr_iter = int(pamr_iter)
-        self.pamr_dilations = tuple(int(d) for d in pamr_dilations)
-        if not self.pamr_dilations or min(self.pamr_dilations) < 1:
-            raise ValueError(f"pamr_dilations must be integers >= 1, got {list(pamr_dilations)}")
+        self.mask_size = check_int("mask_size", mask_size, 1)
+        self.pamr_iter = check_int("pamr_iter", pamr_iter, 0)
+        dilation = lambda key, d: check_int(key, d, 1)  # noqa: E731
+        self.pamr_dilations = tuple(check_list("pamr_dilations", pamr_dilations, dilation))
         self.layer = str(layer)
-        self.timestep = int(timestep)
-        self.noise_seed = None if noise_seed is None else int(noise_seed)
-        self.check_inputs = True
+        self.timestep = check_int("timestep", timestep, 0, 999)
+        self.noise_seed = None if noise_seed is None else check_int("noise_seed", noise_seed, 0)
 
     # -- the method contract -------------------------------------------------------------------
 
@@ -106,17 +95,15 @@ class _TokenSegmenter:
         extracted = backbone.extract(images, self.feature_request())
         return token_grid(extracted.modules[self.layer])
 
-    @property
-    def refines_labels(self) -> bool:
-        """Whether :meth:`segment` ends with PAMR."""
+    def refines(self) -> bool:
+        """Whether the labels end with PAMR (``refine=True``)."""
         return self.refine
 
     def segment(
         self, features: Features, output_size: int | None = None, hints: dict | None = None
     ) -> Tensor:
         """Segment a batch from a feature pass: int64 (B, S, S) (see :meth:`segment_features`)."""
-        labels = self.segment_unrefined(features, output_size, hints)
-        return self.refine_labels(labels, features) if self.refine else labels
+        return super().segment(features, output_size, hints)
 
     def segment_unrefined(
         self, features: Features, output_size: int | None = None, hints: dict | None = None
@@ -183,10 +170,6 @@ class _TokenSegmenter:
         """JSON-able settings."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
-        return f"{type(self).__name__}({args})"
-
 
 class DiffCut(_TokenSegmenter):
     """DiffCut with the release's defaults.
@@ -224,10 +207,15 @@ class DiffCut(_TokenSegmenter):
         partial_eigh: bool = False,
     ) -> None:
         super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
-        self.tau = _number("tau", tau)
-        self.alpha = _number("alpha", alpha)
-        self.num_thresholds = int(num_thresholds)
+        self.tau = check_number("tau", tau, 0)
+        self.alpha = check_number("alpha", alpha, 0, lo_open=True)
+        self.num_thresholds = check_int("num_thresholds", num_thresholds, 1)
         self.partial_eigh = bool(partial_eigh)
+
+    @classmethod
+    def defaults(cls, context: MethodContext) -> dict[str, Any]:
+        """The authors' threshold: 0.2 on SD 1.x/2.x backbones, 0.5 on the SDXL family."""
+        return {"tau": 0.2 if context.backbone_family == "sd" else 0.5}
 
     def token_labels(self, features: Tensor) -> Tensor:
         """Recursive-cut leaves: features float (C, h, w) -> int64 (h, w) in 0..K-1."""
@@ -271,7 +259,8 @@ class DiffCutAutoSC(_TokenSegmenter):
         noise_seed: int | None = DIFFCUT_NOISE_SEED,
     ) -> None:
         super().__init__(refine, mask_size, pamr_iter, pamr_dilations, layer, timestep, noise_seed)
-        self.alphas = tuple(_number("alphas", a) for a in alphas)
+        positive = lambda key, a: check_number(key, a, 0, lo_open=True)  # noqa: E731
+        self.alphas = tuple(check_list("alphas", alphas, positive))
         self.vectors_of_best = bool(vectors_of_best)
 
     def token_labels(self, features: Tensor) -> Tensor:

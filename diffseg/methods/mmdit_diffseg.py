@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..features import FeatureRequest, Features
-from ..segmentor import DiffSeg
+from .diffseg import DiffSeg
 
 __all__ = ["MMDiTDiffSeg", "default_layer", "image_attention"]
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import FeatureRequest, Features
-from ..segmentor import check_hints, greedy_merge, proposals_to_labels
+from .base import Method, check_hints, check_number
+from .merging import greedy_merge, proposals_to_labels
 
 __all__ = [
     "PRESETS",
@@ -130,7 +131,7 @@ def _size(output_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-class Seg4Diff:
+class Seg4Diff(Method):
     """Seg4Diff's training-free, text-free segmentation.
 
     Args:
@@ -171,10 +172,9 @@ class Seg4Diff:
         self.normalize = PRESETS[preset]["normalize"] if normalize is None else str(normalize)
         if self.normalize not in ("pixel", "token"):
             raise ValueError(f"normalize must be 'pixel' or 'token', got {normalize!r}")
-        tau = PRESETS[preset]["kl_threshold"] if kl_threshold is None else float(kl_threshold)
-        if not (tau > 0 and math.isfinite(tau)):
-            raise ValueError(f"kl_threshold must be a positive number, got {kl_threshold!r}")
-        self.kl_threshold = tau
+        if kl_threshold is None:
+            kl_threshold = PRESETS[preset]["kl_threshold"]
+        self.kl_threshold = check_number("kl_threshold", kl_threshold, 0, lo_open=True)
         if layer is None or isinstance(layer, int):
             self.layer = layer
         else:

@@ -222,7 +222,7 @@ def refine_mask(
         bool (H, W) on the mask's device. A constant PAMR output (an empty or full mask stays
         so) returns ``mask`` unchanged instead of the release's NaN (empty) mask.
     """
-    from diffseg.pamr import pamr
+    from diffseg.ops.pamr import pamr
 
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {tuple(image.shape)} does not match mask {tuple(mask.shape)}")

@@ -78,7 +78,7 @@ def sd_scheduler():
 def as_pipeline(model) -> Any:
     """A ``StableDiffusionPipeline`` from a pipeline (returned as is) or from anything holding
     ``vae``, ``unet``, ``text_encoder`` and ``tokenizer`` (e.g. a
-    :class:`~diffseg.backbone.StableDiffusionBackbone`), with SD v1.4's PNDM scheduler and no
+    :class:`~diffseg.backbones.StableDiffusionBackbone`), with SD v1.4's PNDM scheduler and no
     safety checker (the release runs none)."""
     from diffusers import StableDiffusionPipeline
 
@@ -211,7 +211,7 @@ class SeeDiff:
         """Generate one image of ``class_name`` and its mask.
 
         Args:
-            model: a ``StableDiffusionPipeline`` or a :class:`~diffseg.backbone.StableDiffusionBackbone`.
+            model: a ``StableDiffusionPipeline`` or a :class:`~diffseg.backbones.StableDiffusionBackbone`.
             class_name: e.g. "dog", "potted plant".
             seed: seeds the CPU generator of the initial latent.
 

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from ..engine.config import RunOptions
 from ..errors import ConfigError, DataError, RunError
 
 __all__ = [
     "build_backbone_from_config",
     "build_dataset_from_config",
+    "backbone_family",
     "is_random_config",
     "native_image_size",
 ]
 
 #: Keys of a dataset config that describe the benchmark rather than build the loader.
-DATASET_META_KEYS = ("name", "kl_threshold")
-#: Keys of a backbone config that other configs read (method defaults per family).
-BACKBONE_META_KEYS = ("image_size", "diffcut_tau")
+DATASET_META_KEYS = ("name",)
+#: Keys of a backbone config that describe it rather than build it.
+BACKBONE_META_KEYS = ("image_size",)
 
 
 def _instantiate(cfg: dict[str, Any], **kwargs: Any) -> Any:
@@ -47,6 +48,17 @@ def native_image_size(bb_cfg: dict[str, Any]) -> int:
     return int(bb_cfg.get("image_size") or BACKBONES[name].image_size)
 
 
+def backbone_family(bb_cfg: dict[str, Any]) -> str:
+    """The family of a backbone config (``sd``, ``sdxl``, ...), from the registry."""
+    from ..backbones import BACKBONES
+    from ..backbones.configs import config_family
+
+    if bb_cfg.get("random_config"):
+        return str(config_family(bb_cfg["random_config"]))
+    spec = BACKBONES.get(bb_cfg.get("name"))
+    return "" if spec is None else str(spec.family)
+
+
 def is_random_config(bb_cfg: dict[str, Any]) -> bool:
     """Whether a backbone config builds random weights (before building it)."""
     from ..backbones import BACKBONES
@@ -74,25 +86,23 @@ def build_dataset_from_config(
         raise kind(f"dataset={ds_cfg.get('name')}: {err}") from err
 
 
-def build_backbone_from_config(bb_cfg: dict[str, Any], knobs: dict[str, Any]) -> Any:
+def build_backbone_from_config(bb_cfg: dict[str, Any], options: RunOptions) -> Any:
     """The backbone of a ``backbone`` config, on the run's device and precision."""
     cfg = {k: v for k, v in bb_cfg.items() if k not in BACKBONE_META_KEYS}
     try:
         return _instantiate(
             cfg,
-            device=knobs["device"],
-            dtype=knobs["dtype"],
-            vae_dtype=knobs["vae_dtype"],
-            attention_dtype=knobs["attention_dtype"],
-            seed=knobs["seed"],
+            device=options.device,
+            dtype=options.dtype,
+            vae_dtype=options.vae_dtype,
+            attention_dtype=options.attention_dtype,
+            seed=options.seed,
         )
     except (FileNotFoundError, ValueError) as err:
         hint = ""
         if isinstance(err, FileNotFoundError):
-            how = (  # say it as the user typed the command
-                "make demo BACKBONE=tiny"
-                if os.environ.get("DIFFSEG_MAKE_TARGET") == "demo"
-                else "backbone=tiny or tiny_sdxl"
+            hint = (
+                " (For an offline smoke run with random weights: backbone=tiny or tiny_sdxl, "
+                "or make demo BACKBONE=tiny.)"
             )
-            hint = f" (For an offline smoke run with random weights: {how}.)"
         raise ConfigError(f"backbone={bb_cfg.get('name')}: {err}{hint}") from err

@@ -12,6 +12,7 @@ run dir itself, or ``<setting>/`` when several are swept) ``per_image.csv`` (dur
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..engine.config import check_config, plain
+from ..engine.config import RunOptions, check_config, plain
 from ..engine.distributed import Dist, from_env, shard
-from ..engine.evaluators import MetricEvaluator, OverlayWriter, PredictionWriter, SegmentCounter
+from ..engine.evaluators import EvaluatorContext, MetricEvaluator, SegmentCounter
 from ..engine.lock import RunDirLocked
 from ..engine.loop import SettingRun, StageTimes, run_loop
 from ..engine.report import (
@@ -40,8 +41,10 @@ from ..engine.report import (
 from ..engine.rundir import RunDir, now
 from ..engine.settings import build_settings
 from ..errors import ConfigError, RunError
+from ..methods.base import MethodContext
 from ..tracking import NullTracker, coverage_summary
 from .build import (
+    backbone_family,
     build_backbone_from_config,
     build_dataset_from_config,
     is_random_config,
@@ -55,11 +58,56 @@ __all__ = ["evaluate", "main"]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """The composed config, read once: the checked options and each group as plain data.
+
+    Attributes:
+        options: the top-level options (:class:`RunOptions`).
+        dataset, backbone, method: the groups' configs (``_target_`` + arguments).
+        sweep, variants: the method settings to evaluate (``sweep.<key>`` lists, explicit ones).
+        evaluators: factories of the evaluators (``_target_`` entries).
+        logger: the tracker's config; preprocessing: the protocol's preprocessing name.
+        resolved: the whole config, resolved (sent to the tracker); yaml: the same as YAML.
+    """
+
+    options: RunOptions
+    dataset: dict[str, Any]
+    backbone: dict[str, Any]
+    method: dict[str, Any]
+    sweep: dict[str, Any]
+    variants: list[Any]
+    evaluators: list[Any]
+    logger: dict[str, Any] | None
+    preprocessing: str
+    resolved: dict[str, Any]
+    yaml: str
+
+    @classmethod
+    def read(cls, cfg: DictConfig) -> RunConfig:
+        """Check the options (every interpolation resolves) and take each group once."""
+        options = check_config(cfg)
+        resolved = plain(cfg)
+        return cls(
+            options=options,
+            dataset=resolved["dataset"],
+            backbone=resolved["backbone"],
+            method=resolved["method"],
+            sweep=resolved.get("sweep") or {},
+            variants=resolved.get("variants") or [],
+            evaluators=resolved.get("evaluators") or [],
+            logger=resolved.get("logger"),
+            preprocessing=str(resolved.get("preprocessing") or "diffseg"),
+            resolved=resolved,
+            yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        )
+
+
 @dataclass
 class _Prepared:
     """What a run is, before any model is loaded: options, settings, data, run dir, evaluators."""
 
-    knobs: dict[str, Any]
+    options: RunOptions
     settings: list
     dataset: Any
     ids: list[str]
@@ -100,24 +148,25 @@ def evaluate(
         (``results`` is empty on the processes that do not write them).
     """
     t_start, started = time.perf_counter(), now()
-    prep = _prepare(cfg, Path(run_dir))
+    rc = RunConfig.read(cfg)
+    prep = _prepare(rc, Path(run_dir))
     try:  # (the run dir's lock is let go whatever happens)
         todo = [] if merge_only else prep.todo()
         if todo and backbone is None:
-            backbone = build_backbone_from_config(plain(cfg.backbone), prep.knobs)
+            backbone = build_backbone_from_config(rc.backbone, prep.options)
         if backbone is not None:
             prep.random_weights = bool(backbone.is_random)
             _check_requests(backbone, prep)
         if prep.random_weights and prep.dist.is_main:
             _loud_warning()
-        tracker = _tracker(cfg, prep) if prep.dist.is_main else NullTracker()
+        tracker = _tracker(rc, prep) if prep.dist.is_main else NullTracker()
     except BaseException:
         prep.rundir.unlock()
         raise
     try:
-        _claim(cfg, prep, backbone)
+        _claim(rc, prep, backbone)
         stages, done = _segment_all(prep, todo, backbone, tracker, on_batch, (started, t_start))
-        results = _finish(cfg, prep, stages, done, (started, t_start))
+        results = _finish(rc, prep, stages, done, (started, t_start))
         if results:
             _log_to_tracker(tracker, results, prep.random_weights)
     except BaseException:
@@ -134,29 +183,33 @@ def evaluate(
     return {"run_dir": str(run_dir), "random_weights": prep.random_weights, "results": results}
 
 
-def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
+def _prepare(rc: RunConfig, run_dir: Path) -> _Prepared:
     """Check the options, build the settings and the dataset, open the run dir and restore what
     earlier sessions finished. Nothing heavy is loaded yet."""
-    knobs = check_config(cfg)
-    dist = from_env(knobs["num_shards"], knobs["shard_index"], knobs["device"].type)
-    if dist.group and knobs["device"].type == "cuda" and knobs["device"].index is None:
-        knobs["device"] = torch.device("cuda", dist.local_rank)
-    settings = build_settings(
-        plain(cfg.method), plain(cfg.get("sweep")), plain(cfg.get("variants")), run_dir
+    options = rc.options
+    dist = from_env(options.num_shards, options.shard_index, options.device.type)
+    if dist.group and options.device.type == "cuda" and options.device.index is None:
+        options = dataclasses.replace(options, device=torch.device("cuda", dist.local_rank))
+    context = MethodContext(
+        dataset=str(rc.dataset.get("name", "")),
+        backbone=str(rc.backbone.get("name", "")),
+        backbone_family=backbone_family(rc.backbone),
     )
-    image_size = knobs["image_size"] or native_image_size(plain(cfg.backbone))
+    settings = build_settings(rc.method, rc.sweep, rc.variants, run_dir, context)
+    image_size = options.image_size or native_image_size(rc.backbone)
     dataset = build_dataset_from_config(
-        plain(cfg.dataset), image_size, knobs["resolution"], cfg.get("preprocessing", "diffseg")
+        rc.dataset, image_size, options.resolution, rc.preprocessing
     )
-    ids = _select_ids(dataset, knobs["limit"])
+    ids = _select_ids(dataset, options.limit)
     if dist.is_main:
         _warn_about_shapes(dataset)
-    random_weights = is_random_config(plain(cfg.backbone))
-    rundir = _lock(RunDir(run_dir, _fingerprint(cfg, knobs, settings, dataset, ids)), dist)
+    random_weights = is_random_config(rc.backbone)
+    rundir = _lock(RunDir(run_dir, _fingerprint(rc, options, settings, dataset, ids)), dist)
     try:  # the lock is let go by evaluate() once prepared; here if preparing fails
         rundir.open()
         runs = [
-            _setting_run(s, dataset, ids, knobs, random_weights, cfg, dist.suffix) for s in settings
+            _setting_run(s, dataset, ids, options, random_weights, rc, dist.suffix)
+            for s in settings
         ]
         for run in runs:
             for evaluator in run.evaluators:
@@ -164,7 +217,7 @@ def _prepare(cfg: DictConfig, run_dir: Path) -> _Prepared:
     except BaseException:
         rundir.unlock()
         raise
-    prep = _Prepared(knobs, settings, dataset, ids, rundir, runs, dist, random_weights)
+    prep = _Prepared(options, settings, dataset, ids, rundir, runs, dist, random_weights)
     if rundir.resumed and dist.is_main:
         left = sum(1 for i in ids if not all(i in r.records.done for r in runs))
         log.info("resuming %s: %d of %d images done, %d to go", run_dir, len(ids) - left,
@@ -200,14 +253,14 @@ def _check_requests(backbone, prep: _Prepared) -> None:
             raise ConfigError(f"method {setting.method_name}: {err}") from None
 
 
-def _claim(cfg: DictConfig, prep: _Prepared, backbone) -> None:
+def _claim(rc: RunConfig, prep: _Prepared, backbone) -> None:
     """From here on the run dir belongs to this configuration (the main process, or every
     independent shard job, writes the resolved config and run.json); then every process opens
     its own records."""
     if prep.dist.is_main or not prep.dist.group:
         if backbone is not None:  # a later session with nothing to do reports it from here
-            prep.rundir.state["backbone"] = backbone.describe()
-        prep.rundir.claim(OmegaConf.to_yaml(cfg, resolve=True))
+            prep.rundir.backbone = backbone.describe()
+        prep.rundir.claim(rc.yaml)
     prep.dist.barrier()
     for run in prep.runs:
         run.records.open()
@@ -219,26 +272,26 @@ def _segment_all(prep: _Prepared, todo, backbone, tracker, on_batch, clock):
     progress = Progress(len(todo), resumed, prep.runs, tracker, on_batch, prep.dist)
     stages = StageTimes()
     try:
-        _loop(prep.dataset, todo, backbone, prep.runs, prep.knobs, progress, stages)
+        _loop(prep.dataset, todo, backbone, prep.runs, prep.options, progress, stages)
     except BaseException as err:  # Ctrl-C or an error: the images finished keep their session
         if isinstance(err, RunError):  # this process's own images: it says so itself
             err.own_images = True
         if progress.done and (prep.dist.is_main or not prep.dist.group):
-            session = _session(*clock, progress.done, stages, prep.knobs)
+            session = _session(*clock, progress.done, stages, prep.options)
             prep.rundir.add_session({**session, "interrupted": True})
         raise
     return stages, progress.done
 
 
-def _finish(cfg, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
+def _finish(rc: RunConfig, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
     """Every process's session into run.json; the main process folds the records and writes the
     results (independent shard jobs leave that to ``python -m diffseg.tasks.merge``)."""
-    session = _session(*clock, done, stages, prep.knobs)
+    session = _session(*clock, done, stages, prep.options)
     sessions = prep.dist.gather({**session, "skipped": stages.skipped})
     if not prep.dist.is_main and prep.dist.group:
         return {}
-    prep.rundir.state["skipped"] = [s for ses in sessions for s in ses.pop("skipped")]
-    if any(s["images"] for s in sessions) or not prep.rundir.state["sessions"]:
+    prep.rundir.skipped = [s for ses in sessions for s in ses.pop("skipped")]
+    if any(s["images"] for s in sessions) or not prep.rundir.sessions:
         prep.rundir.add_session(combine_sessions(sessions))
     if prep.dist.world_size > 1 and not prep.dist.group:
         log.info(
@@ -249,7 +302,7 @@ def _finish(cfg, prep: _Prepared, stages, done: int, clock) -> dict[str, Any]:
         return {}
     for run in prep.runs:
         run.records.gather(prep.ids)
-    return _report(cfg, prep)
+    return _report(rc, prep)
 
 
 def _select_ids(dataset, limit: int | None) -> list[str]:
@@ -268,57 +321,74 @@ def _warn_about_shapes(dataset) -> None:
         log.warning("%s", warning[0].upper() + warning[1:])
 
 
-def _fingerprint(cfg, knobs, settings, dataset, ids) -> dict[str, Any]:
+def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, Any]:
     """What must not change when a run resumes: everything that changes its numbers or files."""
-    ds = plain(cfg.dataset)
+    ds = rc.dataset
     keep = ("name", "split", "curated", "ids_file", "crop", "void_as_background", "other_as_class")
     return {
         "dataset": {k: ds.get(k) for k in keep if k in ds},
         "dataset_size": len(dataset),
-        "limit": knobs["limit"],
-        "resolution": knobs["resolution"],
+        "limit": options.limit,
+        "resolution": options.resolution,
         "preprocessing": dataset.preprocessing,
         "image_size": dataset.image_size,
-        "backbone": {k: cfg.backbone.get(k) for k in ("name", "path", "random_config", "timestep")},
-        "dtype": str(knobs["dtype"]).replace("torch.", ""),
+        "backbone": {k: rc.backbone.get(k) for k in ("name", "path", "random_config", "timestep")},
+        "dtype": str(options.dtype).replace("torch.", ""),
         "precision": {
-            "vae": None if knobs["vae_dtype"] is None else str(knobs["vae_dtype"]),
-            "attention": str(knobs["attention_dtype"]),
+            "vae": None if options.vae_dtype is None else str(options.vae_dtype),
+            "attention": str(options.attention_dtype),
         },
-        "seed": knobs["seed"],
-        "save_predictions": knobs["save_predictions"],
+        "seed": options.seed,
+        "save_predictions": options.save_predictions,
         "settings": {s.name or "": s.describe() for s in settings},
     }
 
 
 def _setting_run(
-    setting, dataset, ids, knobs, random_weights: bool, cfg, suffix: str = ""
+    setting,
+    dataset,
+    ids,
+    options: RunOptions,
+    random_weights: bool,
+    rc: RunConfig,
+    suffix: str = "",
 ) -> SettingRun:
-    """A setting with its evaluators: predictions and overlays first, the records last."""
-    out, labelled = setting.out_dir, bool(dataset.has_labels)
+    """A setting with its evaluators: the configured ones (``evaluators:``, in order), then the
+    records (metric rows for labelled data, segment counts otherwise)."""
     meta = {
         "method": setting.method_name,
         "setting": setting.name or "",
-        "backbone": str(cfg.backbone.name),
+        "backbone": str(rc.backbone["name"]),
         "random_weights": random_weights,
     }
-    folder = dataset.name == "folder"
-    index_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
-    evaluators = []
-    if knobs["save_predictions"] or not labelled:
-        evaluators.append(PredictionWriter(out, meta, original_size=folder))
-    shown = ids if folder else ids[: knobs["num_overlays"]]
-    if shown:
-        photo = (lambda image_id: dataset.load_rgb(index_of[image_id])) if folder else None
-        evaluators.append(OverlayWriter(out, shown, meta, load_photo=photo))
-    if labelled:
-        evaluators.append(MetricEvaluator(out, ids, dataset.class_names, random_weights, suffix))
+    ctx = EvaluatorContext(
+        setting.out_dir, list(ids), dataset, meta, options.save_predictions, options.num_overlays
+    )
+    writers = [w for w in (factory(ctx) for factory in _evaluator_factories(rc)) if w]
+    if dataset.has_labels:
+        records = MetricEvaluator(setting.out_dir, ids, dataset.class_names, random_weights, suffix)
     else:
-        evaluators.append(SegmentCounter(out, ids, random_weights, suffix))
-    return SettingRun(setting, evaluators)
+        records = SegmentCounter(setting.out_dir, ids, random_weights, suffix)
+    return SettingRun(setting, writers, records)
 
 
-def _loop(dataset, todo, backbone, runs, knobs, progress, stages):
+def _evaluator_factories(rc: RunConfig) -> list:
+    """The ``evaluators:`` list of the config: factories ``(EvaluatorContext) -> Evaluator or
+    None`` (``_target_`` + arguments, built as partials)."""
+    from hydra.utils import instantiate
+
+    out = []
+    for entry in rc.evaluators:
+        if not isinstance(entry, dict) or "_target_" not in entry:
+            raise ConfigError(f"each entry of evaluators needs a _target_: {entry!r}")
+        try:
+            out.append(instantiate({**entry, "_partial_": True}))
+        except Exception as err:
+            raise ConfigError(f"evaluators: {entry['_target_']}: {err}") from None
+    return out
+
+
+def _loop(dataset, todo, backbone, runs, options, progress, stages):
     """The data loader over the images still to do, then :func:`run_loop` with a progress bar."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -326,23 +396,23 @@ def _loop(dataset, todo, backbone, runs, knobs, progress, stages):
     index_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
     loader = DataLoader(
         Subset(dataset, [index_of[i] for i in todo]),
-        batch_size=knobs["batch_size"],
+        batch_size=options.batch_size,
         shuffle=False,
-        num_workers=knobs["num_workers"] if len(todo) > 1 else 0,
-        pin_memory=knobs["device"].type == "cuda",
+        num_workers=options.num_workers if len(todo) > 1 else 0,
+        pin_memory=options.device.type == "cuda",
     )
-    if knobs["device"].type == "cuda":
-        torch.cuda.reset_peak_memory_stats(knobs["device"])
+    if options.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(options.device)
     with progress:
         return run_loop(
             loader,
             backbone,
             runs,
-            knobs["resolution"],
-            knobs["device"],
+            options.resolution,
+            options.device,
             on_batch=progress.update,
             background=_background(dataset),
-            overlap=knobs["overlap"],
+            overlap=options.overlap,
             times=stages,
         )
 
@@ -353,24 +423,24 @@ def _background(dataset) -> tuple[int, int] | None:
     return None if index is None else (int(index), int(dataset.num_classes))
 
 
-def _session(started: str, t_start: float, images: int, stages, knobs) -> dict[str, Any]:
+def _session(started: str, t_start: float, images: int, stages, options) -> dict[str, Any]:
     return {
         "started": started,
         "finished": now(),
         "images": images,
         "wall_time_s": round(time.perf_counter() - t_start, 3),
         "stages": stages.as_dict(),
-        "device": str(knobs["device"]),
-        "batch_size": knobs["batch_size"],
-        "peak_memory": peak_memory(knobs["device"]),
+        "device": str(options.device),
+        "batch_size": options.batch_size,
+        "peak_memory": peak_memory(options.device),
         "versions": versions(),
     }
 
 
-def _dataset_summary(cfg, dataset, ids) -> dict[str, Any]:
+def _dataset_summary(rc: RunConfig, dataset, ids) -> dict[str, Any]:
     desc = {k: v for k, v in dataset.describe().items() if k != "name"}
     return {
-        "name": str(cfg.dataset.name),
+        "name": str(rc.dataset["name"]),
         **desc,
         "size": len(dataset),
         "num_images_run": len(ids),
@@ -380,20 +450,20 @@ def _dataset_summary(cfg, dataset, ids) -> dict[str, Any]:
     }
 
 
-def _report(cfg, prep: _Prepared) -> dict[str, Any]:
+def _report(rc: RunConfig, prep: _Prepared) -> dict[str, Any]:
     """``results.json`` for every setting (and ``sweep_results.json`` for several)."""
-    knobs, dataset, ids, runs = prep.knobs, prep.dataset, prep.ids, prep.runs
+    options, dataset, ids, runs = prep.options, prep.dataset, prep.ids, prep.runs
     rundir, random_weights = prep.rundir, prep.random_weights
     common = {
-        "dataset": _dataset_summary(cfg, dataset, ids),
-        "resolution": knobs["resolution"],
-        "backbone": rundir.state.get("backbone") or plain(cfg.backbone),
-        "backbone_name": str(cfg.backbone.name),
+        "dataset": _dataset_summary(rc, dataset, ids),
+        "resolution": options.resolution,
+        "backbone": rundir.backbone or rc.backbone,
+        "backbone_name": str(rc.backbone["name"]),
         "random_weights": random_weights,
-        "limit": knobs["limit"],
-        "seed": knobs["seed"],
-        "timing": timing_summary(rundir.state["sessions"]),
-        "peak_memory": peak_memory(knobs["device"]),
+        "limit": options.limit,
+        "seed": options.seed,
+        "timing": timing_summary(rundir.sessions),
+        "peak_memory": peak_memory(options.device),
         "versions": versions(),
         "run_dir": str(rundir.path),
         "finished": now(),
@@ -407,8 +477,8 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
         for evaluator in run.evaluators:
             res.update(evaluator.evaluate())
         res["complete"] = len(run.records.done) == len(ids)
-        if rundir.state.get("skipped"):
-            res["skipped"] = rundir.state["skipped"]
+        if rundir.skipped:
+            res["skipped"] = rundir.skipped
         res["images_resumed"] = run.records.resumed
         res = write_results(run.setting.out_dir / "results.json", res)  # kept if unchanged
         results[run.setting.name or ""] = res
@@ -417,28 +487,30 @@ def _report(cfg, prep: _Prepared) -> dict[str, Any]:
     return results
 
 
-def _tracker(cfg, prep: _Prepared):
+def _tracker(rc: RunConfig, prep: _Prepared):
     from ..tracking import build_tracker, coverage_tags
 
-    rundir, settings, knobs = prep.rundir, prep.settings, prep.knobs
+    rundir, settings, options = prep.rundir, prep.settings, prep.options
     random_weights = prep.random_weights
-    tags = [str(cfg.dataset.name), settings[0].method_name, f"res{knobs['resolution']}"]
-    tags += [str(cfg.backbone.name)] + (["random-weights"] if random_weights else [])
+    tags = [str(rc.dataset["name"]), settings[0].method_name, f"res{options.resolution}"]
+    tags += [str(rc.backbone["name"])] + (["random-weights"] if random_weights else [])
     tags += coverage_tags(prep.dataset.benchmark_coverage(prep.ids))  # "partial"
-    config = dict(plain(cfg), random_weights=random_weights)
-    name = f"{cfg.dataset.name}-{settings[0].method_name}-{knobs['resolution']}-{cfg.backbone.name}"
+    config = dict(rc.resolved, random_weights=random_weights)
+    name = (
+        f"{rc.dataset['name']}-{settings[0].method_name}-{options.resolution}-{rc.backbone['name']}"
+    )
     try:
         tracker = build_tracker(
-            plain(cfg.get("logger")),
+            rc.logger,
             rundir.path,
             config,
             tags=tags,
-            run_id=rundir.state.get("wandb_id"),
+            run_id=rundir.wandb_id,
             name=name,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    rundir.state["wandb_id"] = tracker.run_id or rundir.state.get("wandb_id")
+    rundir.wandb_id = tracker.run_id or rundir.wandb_id
     return tracker
 
 

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
               "(or no shard has started yet)", file=sys.stderr)  # fmt: skip
         return 2
     cfg = OmegaConf.load(config)
+    if "protocol" not in cfg:  # written before methods owned their defaults (configs changed)
+        print(f"error: {args.run_dir} was written by an older diffseg (its config_resolved.yaml "
+              "has no protocol): merge it with that version, or run the command again (run.py "
+              "resumes it) before merging", file=sys.stderr)  # fmt: skip
+        return 2
     cfg.num_shards, cfg.shard_index = 1, 0  # the merge is one process over every record
     from .evaluate import evaluate
 

@@ -69,10 +69,9 @@ class Progress:
         step = done - self.done
         self.done = done
         self.bar.update(step * self.scale)
-        head = self.runs[0].records
-        if self.show and hasattr(head, "running"):
-            if self.figures:
-                m = head.running()
+        if self.show:
+            m = self.runs[0].records.running() if self.figures else None
+            if m is not None:
                 self.bar.set_postfix(acc=f"{m['acc']:.1f}", miou=f"{m['miou']:.1f}")
             if done % self.log_every < step or done == self.total:
                 self._log(done)
@@ -84,6 +83,8 @@ class Progress:
         metrics = {"images": self.resumed + done, "images_per_s": done / max(elapsed, 1e-9)}
         for run in self.runs if self.figures else ():
             m = run.records.running()
+            if m is None:
+                continue
             prefix = f"{run.setting.name}/" if run.setting.name else ""
             metrics[f"{prefix}acc"], metrics[f"{prefix}miou"] = m["acc"], m["miou"]
         self.tracker.log_metrics(metrics, step=self.resumed + done)

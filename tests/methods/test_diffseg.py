@@ -1,16 +1,13 @@
 """DiffSeg's steps (docs/diffseg.md sections 4-5) and the whole segmentor on structured synthetic
 attention."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg.segmentor import (
-    DiffSeg,
-    aggregate_attention,
+from diffseg.methods.diffseg import DiffSeg
+from diffseg.methods.merging import (
     anchor_indices,
     anchor_points,
     first_merge,
@@ -18,10 +15,10 @@ from diffseg.segmentor import (
     greedy_merge,
     proposals_to_labels,
     refine_proposals,
-    resolution_weights,
     symmetric_kl,
     symmetric_kl_reference,
 )
+from diffseg.ops.aggregation import aggregate_attention, resolution_weights
 from diffseg.testing import synthetic_attention as sa
 
 SMALL = (16, 8, 4)  # a 16x16 grid: same algorithm, 256 maps instead of 4096
@@ -326,12 +323,18 @@ def test_thresholds_per_iteration_and_describe():
     assert ds.num_iterations == 2 and ds.thresholds == [1.1, 0.9]
     assert DiffSeg().thresholds == [1.1, 1.1, 1.1]
     assert DiffSeg(0.9, num_iterations=1).thresholds == [0.9]
-    json.dumps(ds.describe())
+    described = ds.describe()
+    assert described["kl_threshold"] == [1.1, 0.9] and described["num_iterations"] == 2
+    assert described["name"] == "diffseg" and described["pamr"] is False
     assert ds.hints == () and ds.name == "diffseg"
     with pytest.raises(ValueError, match="one threshold per iteration"):
         DiffSeg(kl_threshold=[1.1, 0.9], num_iterations=3)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"kl_threshold=0.0 is invalid: it must be a number > 0"):
         DiffSeg(kl_threshold=0.0)
+    with pytest.raises(ValueError, match=r"kl_threshold='abc' is invalid"):
+        DiffSeg(kl_threshold="abc")
+    with pytest.raises(ValueError, match=r"num_points=0 is invalid: it must be an integer >= 1"):
+        DiffSeg(num_points=0)
     with pytest.raises(ValueError, match="not understood"):
         DiffSeg(weights="nope")
     # A single iteration keeps one proposal per anchor before NMS.

@@ -18,23 +18,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .features import ALL, FeatureRequest, Features
-from .kmeans import cluster_means, kmeans
-from .segmentor import (
+from ..features import ALL, FeatureRequest, Features
+from ..ops.aggregation import (
     WeightsArg,
     _aggregate,
     attention_of,
-    check_hints,
-    proposals_to_labels,
     resolution_weights,
     validate_maps,
     weights_json,
 )
+from ..ops.kmeans import cluster_means, kmeans
+from .base import Method, check_hints, check_int, check_list, check_number
+from .merging import proposals_to_labels
 
-__all__ = ["KMeansSegmentor", "kmeans_c", "kmeans_s"]
+__all__ = ["KMeansC", "KMeansS", "KMeansSegmentor", "kmeans_c", "kmeans_s"]
 
 
-class KMeansSegmentor:
+class KMeansSegmentor(Method):
     """K-Means over aggregated self-attention maps.
 
     Args:
@@ -56,8 +56,19 @@ class KMeansSegmentor:
         tol: float = 1e-4,
         timestep: int | None = None,
     ) -> None:
-        if num_clusters is not None and int(num_clusters) < 1:
-            raise ValueError(f"num_clusters must be >= 1 or None (K-Means-S), got {num_clusters}")
+        if num_clusters is not None:
+            num_clusters = check_int("num_clusters", num_clusters, 1)
+        seed = check_int("seed", seed, 0)
+        if map_size is not None:
+            map_size = check_int("map_size", map_size, 1)
+        if resolutions is not None:
+            resolutions = check_list("resolutions", resolutions, lambda k, v: check_int(k, v, 1))
+        if isinstance(weights, str):
+            resolution_weights([1], weights)  # reject unknown names now, not at the first image
+        max_iter = check_int("max_iter", max_iter, 1)
+        tol = check_number("tol", tol, 0)
+        if timestep is not None:
+            timestep = check_int("timestep", timestep, 0, 999)
         self.num_clusters = None if num_clusters is None else int(num_clusters)
         self.seed = int(seed)
         self.weights = weights
@@ -66,7 +77,6 @@ class KMeansSegmentor:
         self.max_iter = int(max_iter)
         self.tol = float(tol)
         self.timestep = None if timestep is None else int(timestep)
-        self.check_inputs = True
 
     @property
     def hints(self) -> tuple[str, ...]:
@@ -169,6 +179,20 @@ class KMeansSegmentor:
             num_clusters = hints.get("num_classes")
         props = self.propose(features, num_clusters)
         return torch.stack([proposals_to_labels(p, output_size) for p in props])
+
+
+class KMeansC(KMeansSegmentor):
+    """K-Means-C as a config target: a constant number of clusters (6 in the paper)."""
+
+    def __init__(self, num_clusters: int = 6, **kwargs: Any) -> None:
+        super().__init__(num_clusters=num_clusters, **kwargs)
+
+
+class KMeansS(KMeansSegmentor):
+    """K-Means-S as a config target: as many clusters as ground-truth classes in each image."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(num_clusters=None, **kwargs)
 
 
 def kmeans_c(num_clusters: int = 6, **kwargs: Any) -> KMeansSegmentor:

@@ -1,4 +1,4 @@
-"""The recursive normalized cut, concept assignment and AutoSC (diffseg.ncut)."""
+"""The recursive normalized cut, concept assignment and AutoSC (diffseg.methods.ncut)."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg.ncut import (
+from diffseg.methods.ncut import (
     affinity_matrix,
     assign_concepts,
     autosc_labels,
@@ -96,7 +96,7 @@ def test_fiedler_vector_solves_generalised_problem_and_is_signed():
 
 
 def test_fiedler_vector_returns_none_when_eigh_fails(monkeypatch):
-    import diffseg.ncut as ncut
+    import diffseg.methods.ncut as ncut
 
     def fail(*_):
         raise torch.linalg.LinAlgError("no convergence")
@@ -108,7 +108,7 @@ def test_fiedler_vector_returns_none_when_eigh_fails(monkeypatch):
 
 def test_partial_eigensolver_matches_the_full_decomposition():
     """The CPU's two-eigenpair solver gives the full eigh's second eigenvector (up to sign)."""
-    from diffseg.ncut import _normalized_laplacian, second_eigenvector
+    from diffseg.methods.ncut import _normalized_laplacian, second_eigenvector
 
     for seed in range(3):
         a = two_cluster_graph(seed)
@@ -200,7 +200,7 @@ def test_recursive_cut_equals_literal_reference(seed):
 def test_recursion_order_is_p_then_rest(monkeypatch):
     # A fake cut that keeps the first half of the active nodes while there are 4 or more:
     # on 8 nodes the release's order is {0..3}, then inside it {0, 1}, then the rest's {4, 5}.
-    import diffseg.ncut as ncut
+    import diffseg.methods.ncut as ncut
 
     def half(y, a, d, num_thresholds):
         n = y.numel()
@@ -250,7 +250,7 @@ def test_one_segment_when_no_split_passes():
 
 
 def test_eigen_failure_ends_the_branch(monkeypatch):
-    import diffseg.ncut as ncut
+    import diffseg.methods.ncut as ncut
 
     monkeypatch.setattr(ncut, "fiedler_vector", lambda a, d, *_: None)
     f = F.normalize(blobs(0), dim=0)

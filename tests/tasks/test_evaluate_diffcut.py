@@ -17,7 +17,7 @@ from diffseg.methods.diffcut import token_grid
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata, fakedata_diffcut
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +87,7 @@ def test_diffcut_on_voc_with_background_merge_and_a_tau_sweep_from_one_pass(sdxl
         "num_workers=0",
         "num_overlays=1",
         "save_predictions=true",
-        "sweep.tau=[0.3,0.6]",
+        "+sweep.tau=[0.3,0.6]",
     )
     counting = Counting(sdxl)
     out = evaluate(cfg, tmp_path / "run", backbone=counting)

@@ -1,13 +1,12 @@
 """K-Means-C / K-Means-S baselines on structured synthetic attention."""
 
-import json
-
 import pytest
 import torch
 
-from diffseg.baselines import KMeansSegmentor, kmeans_c, kmeans_s
-from diffseg.kmeans import kmeans
-from diffseg.segmentor import aggregate_attention, proposals_to_labels
+from diffseg.methods.kmeans import KMeansSegmentor, kmeans_c, kmeans_s
+from diffseg.methods.merging import proposals_to_labels
+from diffseg.ops.aggregation import aggregate_attention
+from diffseg.ops.kmeans import kmeans
 from diffseg.testing import synthetic_attention as sa
 
 SMALL = (16, 8, 4)
@@ -85,9 +84,11 @@ def test_more_clusters_than_distinct_maps():
 
 
 def test_describe_and_bad_settings():
-    json.dumps(kmeans_c(weights=[1, 1, 1, 1]).describe())
+    described = kmeans_c(weights=[1, 1, 1, 1]).describe()
+    assert described["name"] == "kmeans_c" and described["num_clusters"] == 6
+    assert described["weights"] == [1.0, 1.0, 1.0, 1.0] and described["seed"] == 0
     assert "KMeansSegmentor(num_clusters=None" in repr(kmeans_s())
-    with pytest.raises(ValueError, match="num_clusters must be >= 1"):
+    with pytest.raises(ValueError, match=r"num_clusters=0 is invalid: it must be an integer >= 1"):
         KMeansSegmentor(0)
     with pytest.raises(ValueError, match=r"maps\[8\] must have shape"):
         kmeans_c().segment({64: torch.full((1, 4096, 4096), 1 / 4096), 8: torch.ones(1, 64)})

@@ -6,8 +6,8 @@ import torch
 
 from diffseg import DiffSeg, FeatureRequest, Features
 from diffseg.engine.loop import predict
-from diffseg.methods import Method
-from diffseg.methods.refine import images_for_labels, pamr_refine
+from diffseg.methods import Method, RefiningMethod
+from diffseg.ops.pamr import images_for_labels, pamr_refine
 from diffseg.testing import synthetic_attention as sa
 from eval.metrics import merge_background
 
@@ -26,14 +26,14 @@ def test_diffseg_meets_the_contract_and_pamr_is_its_last_step():
     labels = torch.stack([sa.block_labels(2, 2, 16), sa.block_labels(1, 2, 16)])
     feats = _features(labels)
     method = DiffSeg(num_points=8, pamr=True)
-    assert isinstance(method, Method) and method.refines_labels
+    assert isinstance(method, Method) and method.refines()
     assert method.feature_request() == FeatureRequest(self_attention="all")
     raw = method.segment_unrefined(feats, 32)
     out = method.segment(feats, 32)
     assert out.shape == (2, 32, 32) and out.dtype == torch.int64
     torch.testing.assert_close(out, pamr_refine(raw, feats))
     assert [int(o.unique().numel()) for o in out] == [4, 2]
-    assert not DiffSeg().refines_labels
+    assert not DiffSeg().refines()
 
 
 def test_images_for_labels_is_rgb_in_unit_range_on_the_label_grid():
@@ -43,10 +43,13 @@ def test_images_for_labels_is_rgb_in_unit_range_on_the_label_grid():
     torch.testing.assert_close(images_for_labels(images, 8), (images + 1) / 2)
 
 
-class _Recorder:
+class _Recorder(RefiningMethod):
     """A method whose refinement records what it was given."""
 
-    name, hints, refines_labels = "rec", (), True
+    name = "rec"
+
+    def refines(self) -> bool:
+        return True
 
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels, self.seen = labels, None

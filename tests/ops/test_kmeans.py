@@ -1,10 +1,10 @@
-"""diffseg.kmeans against scikit-learn's KMeans (lloyd, given init, one init)."""
+"""diffseg.ops.kmeans against scikit-learn's KMeans (lloyd, given init, one init)."""
 
 import numpy as np
 import pytest
 import torch
 
-from diffseg.kmeans import kmeans, kmeans_plusplus, squared_distances
+from diffseg.ops.kmeans import kmeans, kmeans_plusplus, squared_distances
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 

@@ -11,6 +11,10 @@ mask value by the weighted sum of its neighbours' values, all channels at once.
 The neighbours are read through one precomputed index of clamped flat positions, so replicate
 padding costs nothing per iteration and the loop is one gather, one product and one sum, on
 pixel-major (B, H*W, K) masks so that a gather moves a pixel's K values together.
+
+:func:`pamr_refine` is the label refinement any method can end with (DiffCut; DiffSeg with
+``pamr=True``; SeeDiff uses :func:`pamr` on its masks): one-hot labels, PAMR on the input image,
+argmax, 3x3 median (:func:`refine_labels`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,19 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["median3x3", "neighbour_index", "pamr", "pamr_weights", "refine_labels"]
+from ..features import Features
+
+__all__ = [
+    "images_for_labels",
+    "median3x3",
+    "neighbour_index",
+    "pamr",
+    "pamr_refine",
+    "pamr_weights",
+    "refine_labels",
+]
 
 # Row-major order of the 3x3 ring without its centre, as (row, column) steps.
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -164,3 +179,26 @@ def refine_labels(
         refined = pamr(img[None], onehot[None], num_iter, dilations, sigma_scale)
         out.append(median3x3(refined[0].argmax(dim=0)))
     return torch.stack(out).long()
+
+
+def images_for_labels(images: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """The model input ``(B, 3, H, W)`` in [-1, 1] as RGB in [0, 1] on a ``size`` grid (bilinear,
+    half-pixel centres, no antialias), float32: what PAMR looks at."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    rgb = (images.float() + 1) / 2
+    if tuple(rgb.shape[-2:]) == size:
+        return rgb
+    return F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=False)
+
+
+def pamr_refine(labels: Tensor, features: Features) -> Tensor:
+    """DiffCut's refinement (one-hot, PAMR with 10 iterations at dilations 1/2/4/8 and 0.1 sigma,
+    argmax, 3x3 median) of ``labels`` ``(B, S, S)`` against the features' input images.
+
+    Returns int64 ``(B, S, S)`` on the labels' device; ids are renumbered 0..K_b-1 per image.
+    """
+    if features.images is None:
+        raise ValueError("PAMR refinement needs the input images (features.images)")
+    image = images_for_labels(features.images, tuple(labels.shape[-2:])).to(labels.device)
+    with torch.inference_mode():
+        return refine_labels(image, labels).to(labels.device)

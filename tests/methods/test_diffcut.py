@@ -1,4 +1,4 @@
-"""DiffCut.segment_features and DiffCutAutoSC: the pipeline of diffseg.ncut and diffseg.pamr."""
+"""DiffCut.segment_features and DiffCutAutoSC: the pipeline of diffseg.methods.ncut and diffseg.ops.pamr."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diffseg.methods.diffcut import DiffCut, DiffCutAutoSC
-from diffseg.ncut import assign_concepts, autosc_labels, ncut_labels
-from diffseg.pamr import refine_labels
+from diffseg.methods.ncut import assign_concepts, autosc_labels, ncut_labels
+from diffseg.ops.pamr import refine_labels
 
 # One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +66,7 @@ def test_default_output_size_is_mask_size():
 
 def test_tau_controls_the_splits():
     feats, _ = batch(2, b=1)
-    none = DiffCut(tau=-1.0, refine=False).segment_features(feats, 8)
+    none = DiffCut(tau=0.0, refine=False).segment_features(feats, 8)  # no cut is below 0
     assert none.unique().tolist() == [0]
     assert DiffCut(refine=False).segment_features(feats, 8).unique().numel() >= 2
 

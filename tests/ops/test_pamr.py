@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import median_filter
 
-from diffseg.pamr import median3x3, neighbour_index, pamr, refine_labels
+from diffseg.ops.pamr import median3x3, neighbour_index, pamr, refine_labels
 
 # One torch thread: on a loaded 2-core machine threads waiting on each other cost 10x.
 pytestmark = pytest.mark.usefixtures("one_thread")
