@@ -80,7 +80,7 @@ def measure(
         records = MetricEvaluator(Path(tmp), data_ids(data), [str(c) for c in range(27)], True)
         records.reset()
         records.open()
-        run = SettingRun(setting, [records])
+        run = SettingRun(setting, [], records)
         times = StageTimes()
         run_loop(loader, backbone, [run], resolution, device, times=times,
                  overlap=device.type == "cuda")  # fmt: skip

@@ -4,7 +4,7 @@ COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets.
 Each dataset module registers a :class:`~diffseg.data.catalog.DatasetInfo` in the catalog
 (:data:`CATALOG`): its names, classes, official size, layout and prepare command. Importing
 this package registers the built-in ones; :func:`dataset_info` and :func:`dataset_names` also
-import any other module of the package (docs/adding_a_dataset.md).
+import any other module of the package (docs/architecture.md ("How to add a dataset")).
 
 Every dataset item is a dict: ``image`` float32 (3, image_size, image_size) in [-1, 1],
 ``label`` int64 (label_size, label_size) with -1 = ignore (benchmarks only), ``id`` str and
@@ -45,7 +45,7 @@ from diffseg.data.voc import PascalVOC
 
 def __getattr__(name: str) -> Any:
     # DATASETS is computed on access, so a dataset registered later (a user's own module,
-    # docs/adding_a_dataset.md) is listed too.
+    # docs/architecture.md ("How to add a dataset")) is listed too.
     if name == "DATASETS":
         return {n: info.loader for n, info in load_all().items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

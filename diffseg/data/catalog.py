@@ -12,7 +12,7 @@ and whose ``name`` is the catalog name), ``python -m eval.score --dataset`` offe
 entries, the docs and ``datasets/README.md`` list them, and every run compares the images it found
 with ``official_sizes`` to say whether it covers the whole benchmark
 (:meth:`diffseg.data.base.ImageDataset.benchmark_coverage`). Adding a dataset is one module that
-registers itself here, plus its config (docs/adding_a_dataset.md).
+registers itself here, plus its config (docs/architecture.md ("How to add a dataset")).
 """
 
 from __future__ import annotations

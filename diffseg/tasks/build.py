@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ..engine.config import RunOptions
 from ..errors import ConfigError, DataError, RunError
@@ -86,7 +89,21 @@ def build_dataset_from_config(
         raise kind(f"dataset={ds_cfg.get('name')}: {err}") from err
 
 
-def build_backbone_from_config(bb_cfg: dict[str, Any], options: RunOptions) -> Any:
+@dataclass(frozen=True)
+class BackboneOptions:
+    """Where and in which precision a backbone runs (the part of :class:`RunOptions` a
+    backbone needs; the generation task builds one of its own)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype | None = None
+    attention_dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+def build_backbone_from_config(
+    bb_cfg: dict[str, Any], options: RunOptions | BackboneOptions
+) -> Any:
     """The backbone of a ``backbone`` config, on the run's device and precision."""
     cfg = {k: v for k, v in bb_cfg.items() if k not in BACKBONE_META_KEYS}
     try:

@@ -40,7 +40,7 @@ from ..seediff.classes import class_list
 from ..seediff.generator import SeeDiff, as_pipeline, sd_scheduler
 from ..seediff.writer import VOCWriter, image_id
 from ..tracking import NullTracker
-from .build import build_backbone_from_config, is_random_config
+from .build import BackboneOptions, build_backbone_from_config, is_random_config
 from .entry import hydra_run_dir, random_weights_banner, run_task
 
 __all__ = ["build_model", "generate", "main", "plan", "seediff_from_config", "shard"]
@@ -130,15 +130,9 @@ class GenerationSettings:
         """The fingerprint of the dataset: what must not change between sessions."""
         return {"classes": self.classes, "model": self.model, "settings": self.seediff.settings()}
 
-    def knobs(self) -> dict[str, Any]:
+    def backbone_options(self) -> BackboneOptions:
         """What :func:`~diffseg.tasks.build.build_backbone_from_config` needs."""
-        return {
-            "device": self.device,
-            "dtype": self.dtype,
-            "vae_dtype": None,
-            "attention_dtype": torch.float32,
-            "seed": 0,
-        }
+        return BackboneOptions(device=self.device, dtype=self.dtype)
 
 
 def _backbone_config(cfg: Any) -> tuple[dict[str, Any], str, bool]:
@@ -277,7 +271,7 @@ def build_model(settings: GenerationSettings) -> tuple[Any, bool]:
     backbone, with the model folder's own scheduler and its text encoder in ``dtype``, as
     ``StableDiffusionPipeline.from_pretrained(torch_dtype=dtype)`` loads them (random weights:
     SD v1.4's PNDM, text encoder in float32)."""
-    backbone = build_backbone_from_config(settings.backbone, settings.knobs())
+    backbone = build_backbone_from_config(settings.backbone, settings.backbone_options())
     pipe = as_pipeline(backbone)
     if not backbone.is_random:
         pipe.scheduler = own_scheduler(getattr(backbone, "model_id", settings.model))

@@ -1,5 +1,5 @@
-"""docs/adding_a_dataset.md works as written: its module, config and fixture are written where
-the doc says (the module into ``diffseg.data``'s package path through a temporary folder, the
+"""docs/architecture.md's "How to add a dataset" works as written: its module, config and
+fixture are written where the doc says (the module into ``diffseg.data``'s package path through a temporary folder, the
 config into a copy of ``configs/``), its Python check runs, and its run.py command runs on a
 tiny random backbone."""
 
@@ -19,13 +19,17 @@ import diffseg.testing
 from diffseg.data import CATALOG
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "adding_a_dataset.md"
+DOC = REPO / "docs" / "architecture.md"
+SECTION = "## How to add a dataset\n"
 BLOCK = re.compile(r"^```(\w+) ?([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
 def blocks() -> list[tuple[str, str, str]]:
     """(language, info after it, code) of every fenced block of the doc."""
-    return BLOCK.findall(DOC.read_text(encoding="utf-8"))
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + 1)
+    return BLOCK.findall(text[start : end if end != -1 else None])
 
 
 @pytest.fixture
