@@ -167,10 +167,6 @@ class DiffSeg(RefiningMethod):
             "pamr": self.pamr,
         }
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
-        return f"DiffSeg({args})"
-
     @classmethod
     def defaults(cls, context: MethodContext) -> dict[str, Any]:
         """The release's thresholds: 0.9 on Cityscapes, 1.1 elsewhere (COCO-Stuff-27)."""
