@@ -14,7 +14,7 @@ class-major; ids are ``<class slug>_<seed>``. Processes split the plan into cont
 evaluation runs do (:mod:`diffseg.engine.distributed`): ``torchrun --nproc_per_node=N
 generate.py ...`` or independent jobs with ``num_shards``/``shard_index``; they share one output
 folder. A re-run of the same command skips the ids already complete and ends with the same files
-(see :mod:`diffseg.seediff.writer`).
+(see :mod:`diffseg.methods.seediff.writer`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from ..engine.rundir import diff_fingerprints
 from ..errors import ConfigError, ResumeError
 from ..io_utils import atomic_write_text
 from ..precision import dtype_name, resolve_device, resolve_dtype
-from ..seediff.classes import class_list
-from ..seediff.generator import SeeDiff, as_pipeline, sd_scheduler
-from ..seediff.writer import VOCWriter, image_id
+from ..methods.seediff.classes import class_list
+from ..methods.seediff.generator import SeeDiff, as_pipeline, sd_scheduler
+from ..methods.seediff.writer import VOCWriter, image_id
 from ..tracking import NullTracker
 from .build import BackboneOptions, build_backbone_from_config, is_random_config
 from .entry import hydra_run_dir, random_weights_banner, run_task

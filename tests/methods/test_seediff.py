@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.seediff import SeeDiff, class_token_positions
-from diffseg.seediff.algorithm import (
+from diffseg.methods.seediff import SeeDiff, class_token_positions
+from diffseg.methods.seediff.algorithm import (
     bicubic,
     combine_cross_attention,
     expand,
@@ -20,7 +20,7 @@ from diffseg.seediff.algorithm import (
     refine_mask,
     soft_mask,
 )
-from diffseg.seediff.generator import CROSS_LAYERS, SELF_LAYERS, trajectory_request
+from diffseg.methods.seediff.generator import CROSS_LAYERS, SELF_LAYERS, trajectory_request
 
 # ---------------------------------------------------------------------------- tokenizers
 

@@ -3,9 +3,9 @@
 The denoising loop is diffusers' own ``StableDiffusionPipeline``; SeeDiff asks for the attention
 it needs as a :class:`~diffseg.features.TrajectoryRequest` (served by :mod:`diffseg.attention`,
 the capture code evaluation uses) for the call, then turns the recorded attention into a mask
-(:mod:`diffseg.seediff.algorithm`)::
+(:mod:`diffseg.methods.seediff.algorithm`)::
 
-    from diffseg.seediff import SeeDiff
+    from diffseg.methods.seediff import SeeDiff
     seediff = SeeDiff()                                     # the released demo's constants
     image, mask, info = seediff.generate(pipe, "dog", seed=200000)
     # image: uint8 (512, 512, 3) RGB; mask: bool (512, 512); info: prompt, seed, area, ...
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attention import TRAJECTORY_CHUNK_ELEMENTS as DEFAULT_CHUNK_ELEMENTS
-from ..features import TrajectoryRequest
+from ...attention import TRAJECTORY_CHUNK_ELEMENTS as DEFAULT_CHUNK_ELEMENTS
+from ...features import TrajectoryRequest
 from .algorithm import FLAT_LAYER_WEIGHT, VARIANCE_FLOOR, refine_mask
 from .algorithm import soft_mask as _soft_mask
 from .tokens import MULTI_TOKEN_RULES, class_token_positions, format_prompt
@@ -118,7 +118,7 @@ class SeeDiff:
             uses "A long shot of a {class}").
         num_inference_steps, guidance_scale: the pipeline's steps (50) and CFG scale (7).
         multi_token: which sub-tokens of a split class name are recorded, see
-            :mod:`diffseg.seediff.tokens` ("all", "first", "last").
+            :mod:`diffseg.methods.seediff.tokens` ("all", "first", "last").
         image_size: side of the generated image (512; the recorded grids are size / 32, / 16, / 8).
         variance_floor, flat_weight: the flat-layer rule of the seed map (1e-4, 0.01).
         chunk_elements: bound on the float32 attention scores held at once while recording.

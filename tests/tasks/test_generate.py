@@ -14,10 +14,10 @@ from PIL import Image
 
 from diffseg.data.synthetic import SyntheticVOC
 from diffseg.errors import ConfigError, ResumeError
-from diffseg.seediff import SeeDiff, VOCWriter
+from diffseg.methods.seediff import SeeDiff, VOCWriter
 from diffseg.tasks.generate import generate, main, read_settings, shard
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["dog", "cab"]
 
 
@@ -264,7 +264,7 @@ def test_a_local_model_folder_gives_the_images_of_its_weights(full_run, tmp_path
     scheduler config) load as real weights and generate the same images and masks as
     ``backbone=tiny``, without the random-weights flags."""
     from diffseg.backbones import build_backbone
-    from diffseg.seediff import sd_scheduler
+    from diffseg.methods.seediff import sd_scheduler
 
     out, _ = full_run
     folder = tmp_path / "model"
