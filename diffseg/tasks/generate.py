@@ -16,7 +16,7 @@ class-major; ids are ``<class slug>_<seed>``. Processes split the plan into cont
 evaluation runs do (:mod:`diffseg.engine.distributed`): ``torchrun --nproc_per_node=N
 generate.py ...`` or independent jobs with ``num_shards``/``shard_index``; they share one output
 folder. A re-run of the same command skips the ids already complete and ends with the same files
-(see :mod:`diffseg.methods.seediff.writer`).
+(see :mod:`diffseg.data.voc_writer`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.class_lists import class_list
+from ..data.voc_writer import VOCWriter, image_id
 from ..engine.config import plain
 from ..engine.distributed import from_env, shard
 from ..engine.rundir import diff_fingerprints
 from ..errors import ConfigError, ResumeError
 from ..io_utils import atomic_write_text
 from ..methods.base import GenerationMethod, ParameterError
-from ..methods.seediff.classes import class_list
-from ..methods.seediff.writer import VOCWriter, image_id
 from ..precision import dtype_name, resolve_device, resolve_dtype
 from ..tracking import NullTracker
 from .build import BackboneOptions, build_backbone_from_config, is_random_config

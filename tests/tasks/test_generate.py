@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffseg.data.synthetic import SyntheticVOC
+from diffseg.data.voc_writer import VOCWriter
 from diffseg.errors import ConfigError, ResumeError
-from diffseg.methods.seediff import SeeDiff, VOCWriter
+from diffseg.methods.seediff import SeeDiff
 from diffseg.tasks.generate import generate, main, read_settings, shard
 
 REPO = Path(__file__).resolve().parents[2]
