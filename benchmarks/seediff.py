@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from diffseg import StableDiffusionBackbone
-from diffseg.seediff import SeeDiff, as_pipeline
-from diffseg.seediff.algorithm import refine_mask
+from diffseg.methods.seediff import SeeDiff, as_pipeline
+from diffseg.methods.seediff.algorithm import refine_mask
 
 
 def _sync(device: torch.device) -> None:

@@ -30,9 +30,9 @@ silence_known_notices()  # drops transformers' torchvision notice only (see diff
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import SDXLBackbone, StableDiffusionBackbone, build_backbone
     from .methods.diffcut import DiffCut
+    from .methods.seediff import SeeDiff
     from .methods.seg4diff import Seg4Diff
     from .predictor import Segmenter
-    from .seediff import SeeDiff
 
 try:
     __version__ = version("diffseg")
@@ -67,7 +67,7 @@ _LAZY = {
     "SDXLBackbone": (".backbones", "SDXLBackbone"),
     "build_backbone": (".backbones", "build_backbone"),
     "DiffCut": (".methods.diffcut", "DiffCut"),
-    "SeeDiff": (".seediff", "SeeDiff"),
+    "SeeDiff": (".methods.seediff", "SeeDiff"),
     "Seg4Diff": (".methods.seg4diff", "Seg4Diff"),
     "Segmenter": (".predictor", "Segmenter"),
 }

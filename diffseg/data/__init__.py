@@ -1,5 +1,6 @@
 """Datasets: the benchmarks (COCO-Stuff-27, Cityscapes-27, Pascal VOC, Pascal Context,
-COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets.
+COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets (read by
+:mod:`.synthetic`, written by :mod:`.voc_writer`; class-list presets in :mod:`.class_lists`).
 
 Each dataset module registers a :class:`~diffseg.data.catalog.DatasetInfo` in the catalog
 (:data:`CATALOG`): its names, classes, official size, layout and prepare command. Importing

@@ -1,6 +1,6 @@
 """A SeeDiff dataset read back: generated images and their class masks (Pascal VOC layout).
 
-The folder is what ``python generate.py`` writes (see diffseg/seediff/writer.py)::
+The folder is what ``python generate.py`` writes (see diffseg/data/voc_writer.py)::
 
     <root>/JPEGImages/<id>.jpg, <root>/SegmentationClass/<id>.png,
     <root>/ImageSets/Segmentation/train.txt, <root>/classes.json, <root>/index.jsonl

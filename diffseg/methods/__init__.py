@@ -2,7 +2,8 @@
 
 - :mod:`.diffseg`: DiffSeg (its merging numerics in :mod:`.merging`);
 - :mod:`.kmeans`: the K-Means baselines (K-Means-C, K-Means-S);
-- :mod:`.diffcut`: DiffCut and its AutoSC ablation (the cut and AutoSC in :mod:`.ncut`).
+- :mod:`.diffcut`: DiffCut and its AutoSC ablation (the cut and AutoSC in :mod:`.ncut`);
+- :mod:`.seediff`: SeeDiff, a generation method (:class:`~diffseg.methods.base.GenerationMethod`).
 
 Numerical parts several methods share (attention aggregation, K-Means, PAMR) live in
 :mod:`diffseg.ops`. A new method is one module here and one config in ``configs/method/`` with its
@@ -11,6 +12,20 @@ Numerical parts several methods share (attention aggregation, K-Means, PAMR) liv
 
 from __future__ import annotations
 
-from .base import Method, MethodContext, ParameterError, RefiningMethod, check_hints
+from .base import (
+    GenerationMethod,
+    Method,
+    MethodContext,
+    ParameterError,
+    RefiningMethod,
+    check_hints,
+)
 
-__all__ = ["Method", "MethodContext", "ParameterError", "RefiningMethod", "check_hints"]
+__all__ = [
+    "GenerationMethod",
+    "Method",
+    "MethodContext",
+    "ParameterError",
+    "RefiningMethod",
+    "check_hints",
+]

@@ -18,6 +18,21 @@ nothing else:
 ``describe()``          JSON-able settings (written to results.json; part of a run's fingerprint)
 ======================  ==========================================================================
 
+Generation methods (image + mask pairs, ``python generate.py``) subclass
+:class:`GenerationMethod`; the generation task calls its stages only:
+
+======================  ==========================================================================
+``name``                short name for logs and tags
+``backbone_families``   the backbone families whose UNet it can record (``("sd",)``: SD 1.x/2.x)
+``from_config(values)`` (class method) the method from a config's parameters (unknown key, bad
+                        value: :class:`ParameterError`); ``parameters()`` lists the keys
+``pipeline(model)``     the runnable generation pipeline over a backbone (or a pipeline)
+``feature_request(...)``the :class:`~diffseg.features.TrajectoryRequest` of one prompt
+``generate(...)``       ``(image, mask, info)`` of one class and seed
+``settings()``          JSON-able parameters (written with every image; the dataset's fingerprint)
+``describe()``          ``{"name": ..., **settings()}``
+======================  ==========================================================================
+
 Parameters are validated when the method is built (:func:`check_number`, :func:`check_int`,
 :func:`check_list`): a bad value raises :class:`ParameterError` naming the key, the value and
 the valid range, before a run directory is claimed.
@@ -25,6 +40,7 @@ the valid range, before a run directory is claimed.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,9 +48,10 @@ from typing import Any
 
 from torch import Tensor
 
-from ..features import FeatureRequest, Features
+from ..features import FeatureRequest, Features, TrajectoryRequest
 
 __all__ = [
+    "GenerationMethod",
     "MergeBackground",
     "Method",
     "MethodContext",
@@ -153,6 +170,58 @@ class RefiningMethod(Method):
         if self.refines():
             merged = self.refine_labels(merged.to(raw.device), features)
         return merged.cpu()
+
+
+class GenerationMethod:
+    """Base class of every generation method (see the module docstring for the stages)."""
+
+    name: str = "generation"
+    #: Backbone families (``diffseg.backbones`` registry) whose UNet the method can record.
+    backbone_families: tuple[str, ...] = ("sd",)
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        """The keys a config may set: the constructor's keyword arguments."""
+        signature = inspect.signature(cls.__init__)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(n for n, p in signature.parameters.items() if n != "self" and p.kind in kinds)
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> GenerationMethod:
+        """The method from a config's parameters; null values keep the defaults.
+
+        Raises :class:`ParameterError` for an unknown key or a value out of range."""
+        known = cls.parameters()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ParameterError(f"unknown keys {unknown}; known: {', '.join(known)}")
+        kwargs = {k: values[k] for k in known if values.get(k) is not None}
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ParameterError(str(err)) from None
+
+    def pipeline(self, model: Any) -> Any:
+        """The pipeline :meth:`generate` runs for ``model`` (a backbone or a pipeline)."""
+        return model
+
+    def feature_request(self, model: Any, class_name: str) -> TrajectoryRequest:
+        """What the method records during the generation of ``class_name``."""
+        raise NotImplementedError
+
+    def generate(self, model: Any, class_name: str, seed: int) -> tuple[Any, Tensor, dict]:
+        """``(image, mask, info)``: uint8 ``(H, W, 3)`` RGB, bool ``(H, W)`` on the CPU, and a
+        JSON-able dict (at least prompt, seed, mask_area, token_positions, tokens, unet_calls,
+        seconds)."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The parameters as a JSON-able dict (the generated dataset's fingerprint)."""
+        return {k: getattr(self, k) for k in self.parameters()}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able name and settings."""
+        return {"name": self.name, **self.settings()}
 
 
 def check_hints(method: Method, hints: Mapping[str, Any] | None) -> dict[str, Any]:

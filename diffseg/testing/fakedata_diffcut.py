@@ -19,7 +19,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from diffseg.seediff.writer import voc_palette  # the VOC devkit's colour map
+from diffseg.data.voc_writer import voc_palette  # the VOC devkit's colour map
 
 VOC_VOID = 255
 VOC_IDS = ("2007_000033", "2007_000042", "2007_000061", "2007_000123")

@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffseg.data.synthetic import SyntheticVOC
+from diffseg.data.voc_writer import VOCWriter
 from diffseg.errors import ConfigError, ResumeError
-from diffseg.seediff import SeeDiff, VOCWriter
+from diffseg.methods.seediff import SeeDiff
 from diffseg.tasks.generate import generate, main, read_settings, shard
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["dog", "cab"]
 
 
@@ -39,7 +40,12 @@ def config(out, **overrides):
         "output_dir": str(out),
         "logger": {"name": "none"},
         # 256 px keeps the tiny run fast: the recorded grids are 8 (cross), 8/16/32 (self)
-        "method": {"image_size": 256, "num_inference_steps": 2, "pamr_iterations": 10},
+        "method": {
+            "_target_": "diffseg.SeeDiff",
+            "image_size": 256,
+            "num_inference_steps": 2,
+            "pamr_iterations": 10,
+        },
     }
     cfg.update(overrides)
     return OmegaConf.create(cfg)
@@ -129,7 +135,8 @@ def test_resume_after_an_interruption_gives_identical_files(full_run, tmp_path, 
 def test_generation_refuses_another_configuration(full_run):
     out, _ = full_run
     with pytest.raises(ResumeError, match="other settings") as err:
-        generate(config(out, method={"image_size": 256, "num_inference_steps": 3}))
+        method = {"_target_": "diffseg.SeeDiff", "image_size": 256, "num_inference_steps": 3}
+        generate(config(out, method=method))
     assert "settings.num_inference_steps: 2 -> 3" in str(err.value)  # names the setting
 
 
@@ -195,6 +202,23 @@ def test_dtype_names_and_devices_are_parsed_as_run_py_parses_them(tmp_path):
         read_settings(config(tmp_path, device="tpu"))
     with pytest.raises(ConfigError, match="precision.attention=float16"):
         read_settings(config(tmp_path, precision={"attention": "float16"}))
+
+
+def test_the_method_comes_from_its_target(tmp_path):
+    settings = read_settings(config(tmp_path))
+    assert type(settings.method) is SeeDiff and settings.method.num_inference_steps == 2
+    assert settings.identity["settings"] == settings.method.settings()  # no _target_ in it
+    with pytest.raises(ConfigError, match=r"method\._target_ is missing"):
+        read_settings(config(tmp_path, method={"image_size": 256}))
+    with pytest.raises(ConfigError, match="diffseg.DiffCut is not a generation method"):
+        read_settings(config(tmp_path, method={"_target_": "diffseg.DiffCut"}))
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        read_settings(config(tmp_path, method={"_target_": "diffseg.NoSuchMethod"}))
+    with pytest.raises(ConfigError, match=r"method: unknown keys \['stepz'\]; known: threshold"):
+        read_settings(config(tmp_path, method={"_target_": "diffseg.SeeDiff", "stepz": 3}))
+    bad = {"_target_": "diffseg.SeeDiff", "image_size": 100}
+    with pytest.raises(ConfigError, match="image_size=100 is invalid: it must be a multiple of 64"):
+        read_settings(config(tmp_path, method=bad))
 
 
 def test_backbones_come_from_the_registry(tmp_path):
@@ -264,7 +288,7 @@ def test_a_local_model_folder_gives_the_images_of_its_weights(full_run, tmp_path
     scheduler config) load as real weights and generate the same images and masks as
     ``backbone=tiny``, without the random-weights flags."""
     from diffseg.backbones import build_backbone
-    from diffseg.seediff import sd_scheduler
+    from diffseg.methods.seediff import sd_scheduler
 
     out, _ = full_run
     folder = tmp_path / "model"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg.seediff import SeeDiff, class_token_positions
-from diffseg.seediff.algorithm import (
+from diffseg.methods.base import GenerationMethod, ParameterError
+from diffseg.methods.seediff import SeeDiff, class_token_positions
+from diffseg.methods.seediff.algorithm import (
     bicubic,
     combine_cross_attention,
     expand,
@@ -20,7 +21,7 @@ from diffseg.seediff.algorithm import (
     refine_mask,
     soft_mask,
 )
-from diffseg.seediff.generator import CROSS_LAYERS, SELF_LAYERS, trajectory_request
+from diffseg.methods.seediff.generator import CROSS_LAYERS, SELF_LAYERS, trajectory_request
 
 # ---------------------------------------------------------------------------- tokenizers
 
@@ -206,7 +207,27 @@ def test_seediff_validates_settings():
         SeeDiff(multi_token="middle")
     with pytest.raises(ValueError, match="placeholder"):
         SeeDiff(prompt_template="A photo")
+    with pytest.raises(
+        ParameterError, match=r"threshold=1\.2 is invalid: it must be a number >= 0"
+    ):
+        SeeDiff(threshold=1.2)
+    with pytest.raises(ParameterError, match="num_inference_steps=0 is invalid"):
+        SeeDiff(num_inference_steps=0)
+    with pytest.raises(ParameterError, match="refine='yes' is invalid"):
+        SeeDiff(refine="yes")
     assert SeeDiff().settings()["threshold"] == 0.3
+
+
+def test_seediff_is_a_generation_method():
+    """The declared stages: the parameters a config may set are the settings' keys, in order;
+    from_config drops nulls (defaults) and names unknown keys."""
+    assert isinstance(SeeDiff(), GenerationMethod) and SeeDiff.backbone_families == ("sd",)
+    assert SeeDiff.parameters() == tuple(SeeDiff().settings())
+    method = SeeDiff.from_config({"threshold": 0.4, "refine": None})
+    assert method.threshold == 0.4 and method.refine is True
+    assert method.describe() == {"name": "seediff", **method.settings()}
+    with pytest.raises(ParameterError, match=r"unknown keys \['tau'\]"):
+        SeeDiff.from_config({"tau": 1})
 
 
 # ---------------------------------------------------------------------------- trajectory capture

@@ -3,9 +3,9 @@
 The denoising loop is diffusers' own ``StableDiffusionPipeline``; SeeDiff asks for the attention
 it needs as a :class:`~diffseg.features.TrajectoryRequest` (served by :mod:`diffseg.attention`,
 the capture code evaluation uses) for the call, then turns the recorded attention into a mask
-(:mod:`diffseg.seediff.algorithm`)::
+(:mod:`diffseg.methods.seediff.algorithm`)::
 
-    from diffseg.seediff import SeeDiff
+    from diffseg.methods.seediff import SeeDiff
     seediff = SeeDiff()                                     # the released demo's constants
     image, mask, info = seediff.generate(pipe, "dog", seed=200000)
     # image: uint8 (512, 512, 3) RGB; mask: bool (512, 512); info: prompt, seed, area, ...
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attention import TRAJECTORY_CHUNK_ELEMENTS as DEFAULT_CHUNK_ELEMENTS
-from ..features import TrajectoryRequest
+from ...attention import TRAJECTORY_CHUNK_ELEMENTS as DEFAULT_CHUNK_ELEMENTS
+from ...features import TrajectoryRequest
+from ..base import GenerationMethod, ParameterError, check_int, check_number
 from .algorithm import FLAT_LAYER_WEIGHT, VARIANCE_FLOOR, refine_mask
 from .algorithm import soft_mask as _soft_mask
 from .tokens import MULTI_TOKEN_RULES, class_token_positions, format_prompt
@@ -105,7 +106,7 @@ def as_pipeline(model) -> Any:
 
 
 @dataclass
-class SeeDiff:
+class SeeDiff(GenerationMethod):
     """SeeDiff's generation settings; every default is the released demo's.
 
     Args:
@@ -118,7 +119,7 @@ class SeeDiff:
             uses "A long shot of a {class}").
         num_inference_steps, guidance_scale: the pipeline's steps (50) and CFG scale (7).
         multi_token: which sub-tokens of a split class name are recorded, see
-            :mod:`diffseg.seediff.tokens` ("all", "first", "last").
+            :mod:`diffseg.methods.seediff.tokens` ("all", "first", "last").
         image_size: side of the generated image (512; the recorded grids are size / 32, / 16, / 8).
         variance_floor, flat_weight: the flat-layer rule of the seed map (1e-4, 0.01).
         chunk_elements: bound on the float32 attention scores held at once while recording.
@@ -140,18 +141,31 @@ class SeeDiff:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     _pipelines: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    name = "seediff"
+    backbone_families = ("sd",)
+
     def __post_init__(self) -> None:
-        for name in ("threshold", "refine_threshold", "unrefined_threshold"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.num_inference_steps < 1 or self.pamr_iterations < 0:
-            raise ValueError("num_inference_steps must be >= 1 and pamr_iterations >= 0")
-        if self.image_size < 64 or self.image_size % 64:
-            raise ValueError(f"image_size must be a multiple of 64, got {self.image_size}")
-        if self.multi_token not in MULTI_TOKEN_RULES:
-            raise ValueError(
-                f"multi_token must be one of {MULTI_TOKEN_RULES}, got {self.multi_token!r}"
+        """Every parameter checked: :class:`~diffseg.methods.base.ParameterError` naming it."""
+        for key in ("threshold", "refine_threshold", "unrefined_threshold"):
+            check_number(key, getattr(self, key), 0, 1, hi_open=True)
+        if not isinstance(self.refine, bool):
+            raise ParameterError(f"refine={self.refine!r} is invalid: it must be true or false")
+        check_int("num_inference_steps", self.num_inference_steps, lo=1)
+        check_int("pamr_iterations", self.pamr_iterations, lo=0)
+        check_number("pamr_sigma", self.pamr_sigma, 0, lo_open=True)
+        check_number("guidance_scale", self.guidance_scale)
+        if check_int("image_size", self.image_size, lo=64) % 64:
+            raise ParameterError(
+                f"image_size={self.image_size!r} is invalid: it must be a multiple of 64"
             )
+        if self.multi_token not in MULTI_TOKEN_RULES:
+            raise ParameterError(
+                f"multi_token={self.multi_token!r} is invalid: it must be one of "
+                f"{', '.join(MULTI_TOKEN_RULES)}"
+            )
+        check_number("variance_floor", self.variance_floor, lo=0)
+        check_number("flat_weight", self.flat_weight, lo=0)
+        check_int("chunk_elements", self.chunk_elements, lo=1)
         format_prompt(self.prompt_template, "x")  # raises without the {class} placeholder
 
     def settings(self) -> dict[str, Any]:
@@ -207,6 +221,16 @@ class SeeDiff:
         latent = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=generator)
         return latent.to(device=pipe.device, dtype=pipe.unet.dtype)
 
+    def feature_request(self, model, class_name: str) -> TrajectoryRequest:
+        """The attention recorded while generating ``class_name``: its token(s)' cross-attention
+        and the self-attention descriptors (:func:`trajectory_request`)."""
+        pipe = self.pipeline(model)
+        positions = class_token_positions(
+            pipe.tokenizer, self.prompt_template, class_name, self.multi_token
+        )
+        guided = pipe_uses_guidance(pipe, self.guidance_scale)
+        return trajectory_request(positions, guided, self.chunk_elements)
+
     def generate(self, model, class_name: str, seed: int) -> tuple[np.ndarray, Tensor, dict]:
         """Generate one image of ``class_name`` and its mask.
 
@@ -223,12 +247,8 @@ class SeeDiff:
         start = time.perf_counter()
         pipe = self.pipeline(model)
         prompt = format_prompt(self.prompt_template, class_name)
-        positions = class_token_positions(
-            pipe.tokenizer, self.prompt_template, class_name, self.multi_token
-        )
-        request = trajectory_request(
-            positions, pipe_uses_guidance(pipe, self.guidance_scale), self.chunk_elements
-        )
+        request = self.feature_request(pipe, class_name)
+        positions = list(request.cross_attention)
         guided = request.guidance
         with torch.inference_mode():
             # encoded here so a float32 text encoder can drive a float16 UNet

@@ -5,8 +5,9 @@
 - the attention it needs is a :class:`~diffseg.features.TrajectoryRequest` served by
   :mod:`diffseg.attention` (:func:`.generator.trajectory_request`);
 - :mod:`.tokens`: prompts and the class token's position;
-- :mod:`.writer`: the Pascal-VOC-layout output dataset; :mod:`diffseg.tasks.generate`:
-  ``python generate.py``.
+- a :class:`~diffseg.methods.base.GenerationMethod`: :mod:`diffseg.tasks.generate`
+  (``python generate.py``) builds it from ``method._target_`` and writes its pairs with
+  :mod:`diffseg.data.voc_writer` (class-list presets: :mod:`diffseg.data.class_lists`).
 """
 
 from __future__ import annotations
@@ -21,19 +22,14 @@ from .algorithm import (
     refine_mask,
     soft_mask,
 )
-from .classes import CLASS_LISTS, class_list
 from .generator import CROSS_LAYERS, SELF_LAYERS, SeeDiff, as_pipeline, sd_scheduler
 from .tokens import class_token_positions, format_prompt
-from .writer import VOCWriter, voc_palette
 
 __all__ = [
-    "CLASS_LISTS",
     "CROSS_LAYERS",
     "SELF_LAYERS",
     "SeeDiff",
-    "VOCWriter",
     "as_pipeline",
-    "class_list",
     "class_token_positions",
     "combine_cross_attention",
     "expand",
@@ -45,5 +41,4 @@ __all__ = [
     "refine_mask",
     "sd_scheduler",
     "soft_mask",
-    "voc_palette",
 ]
