@@ -14,7 +14,7 @@ from diffseg import DiffSeg, build_backbone
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

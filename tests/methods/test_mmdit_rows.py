@@ -12,7 +12,7 @@ from diffseg.methods.mmdit_diffseg import MMDiTDiffSeg, default_layer, image_att
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(*overrides: str):

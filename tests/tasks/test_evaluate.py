@@ -34,7 +34,7 @@ from diffseg.tasks.evaluate import evaluate, resume_hint
 from diffseg.testing import fakedata
 from eval.metrics import HungarianMetrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(REPO / "configs")
 RES = 64  # evaluation size: small labels keep the metric and PNGs cheap
 N_IMAGES = 2

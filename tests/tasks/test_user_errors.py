@@ -15,7 +15,7 @@ import pytest
 
 from diffseg.testing import fakedata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:

@@ -20,7 +20,7 @@ from diffseg.engine.records import CSV_COLUMNS, read_per_image
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")

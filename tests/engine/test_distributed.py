@@ -19,7 +19,7 @@ from diffseg.tasks.evaluate import evaluate
 from diffseg.tasks.merge import main as merge_main
 from diffseg.testing import fakedata
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")

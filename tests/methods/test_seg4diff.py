@@ -22,7 +22,7 @@ from diffseg.methods.seg4diff import (
     seg4diff_size,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- synthetic attention ---------------------------------------------------------------------
