@@ -38,9 +38,16 @@ from .configs import model_configs, tiny_clip_tokenizer
 from .mmdit_capture import JointAttentionCapture
 from .weights import loading, move_modules, resolve_weights
 
-__all__ = ["FluxBackbone", "MMDiTBackbone", "SD3Backbone", "tiny_t5_tokenizer"]
+__all__ = ["FluxBackbone", "MMDiTBackbone", "SD3Backbone", "default_layer", "tiny_t5_tokenizer"]
 
 log = logging.getLogger(__name__)
+
+
+def default_layer(num_joint_blocks: int) -> int:
+    """The documented default block of a model for the new rows: floor(3/8 x its joint (SD3) or
+    double (FLUX) block count): 9 on SD3-medium (24), 7 on FLUX (19)."""
+    return (3 * int(num_joint_blocks)) // 8
+
 
 #: Text length of every MM-DiT conditioning here (CLIP's 77; Seg4Diff's ``max_sequence_length``).
 MAX_SEQUENCE_LENGTH = 77
@@ -125,7 +132,7 @@ class MMDiTBackbone:
         self._pipeline = None
         self._conditioning_cache: dict[tuple, Any] = {}
         joint = len(self.transformer.transformer_blocks)
-        self.default_layer = (3 * joint) // 8 if layer is None else int(layer)
+        self.default_layer = default_layer(joint) if layer is None else int(layer)
         if not 0 <= self.default_layer < self.num_blocks:
             raise ValueError(
                 f"layer={layer} does not exist: the model has {self.num_blocks} blocks"

@@ -26,12 +26,7 @@ from torch import Tensor
 from ..features import FeatureRequest, Features
 from .diffseg import DiffSeg
 
-__all__ = ["MMDiTDiffSeg", "default_layer", "image_attention"]
-
-
-def default_layer(num_joint_blocks: int) -> int:
-    """The documented default block: floor(3/8 x the joint / double block count)."""
-    return (3 * int(num_joint_blocks)) // 8
+__all__ = ["MMDiTDiffSeg", "image_attention"]
 
 
 def image_attention(features: Features, layers: Sequence[int]) -> dict[int, Tensor]:

@@ -200,7 +200,9 @@ def _precision(cfg: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def _output_dir(cfg: Any) -> Path:
-    root = Path(str(cfg.get("output_dir") or "outputs/seediff"))
+    if not cfg.get("output_dir"):
+        raise ConfigError("output_dir is empty; give the folder to write the dataset into")
+    root = Path(str(cfg.output_dir))
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir={root} is a file; give a folder for the dataset")
     return root
@@ -411,7 +413,7 @@ def _log_samples(tracker, writer: VOCWriter, ids: list[str], count: int) -> None
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % cols)
     rows = [np.concatenate(tiles[i : i + cols], axis=1) for i in range(0, len(tiles), cols)]
     with tempfile.TemporaryDirectory() as tmp:
-        grid = Path(tmp) / "seediff_samples.jpg"
+        grid = Path(tmp) / "samples.jpg"
         Image.fromarray(np.concatenate(rows, axis=0)).save(grid, quality=90)
         tracker.log_images("samples", [grid])
 
@@ -428,5 +430,5 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         interrupted=lambda: (
             "\nInterrupted. Complete images are kept; run the same command again to continue."
         ),
-        clean_up_to=Path(str(cfg.get("output_dir") or "outputs/seediff")),
+        clean_up_to=Path(str(cfg.get("output_dir") or ".")),  # the default: configs/generate.yaml
     )

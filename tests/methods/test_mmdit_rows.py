@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from diffseg.backbones.mmdit import default_layer
 from diffseg.features import Features
-from diffseg.methods.mmdit_diffseg import MMDiTDiffSeg, default_layer, image_attention
+from diffseg.methods.mmdit_diffseg import MMDiTDiffSeg, image_attention
 from diffseg.tasks.evaluate import evaluate
 from diffseg.testing import fakedata
 
