@@ -15,7 +15,15 @@ from torch.utils.data import Dataset
 from diffseg.data.catalog import DatasetInfo
 from diffseg.data.io import DataFileError, read_image_rgb, read_label
 from diffseg.data.paths import default_data_root
-from diffseg.data.transforms import check_preprocessing, preprocess_image, preprocess_label
+from diffseg.data.transforms import (
+    PER_IMAGE_SIZE,
+    SEG4DIFF_SHORT_SIDE,
+    check_preprocessing,
+    preprocess_image,
+    preprocess_label,
+    seg4diff_image,
+    seg4diff_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +221,37 @@ class ImageDataset(Dataset):
 
         Returns:
             dict with ``image`` float32 (3, image_size, image_size) in [-1, 1], ``id`` str and
-            ``orig_size`` int64 tensor [H, W] (the stored size, before the crop).
+            ``orig_size`` int64 tensor [H, W] (the stored size, before the crop); with
+            ``preprocessing=seg4diff`` also ``eval_size`` (see :meth:`model_input`).
         """
         index = self._check_index(index)
         rgb = read_image_rgb(self.image_paths[index])
         return {
-            "image": preprocess_image(rgb, self.image_size, self.preprocessing),
+            **self.model_input(rgb),
             "id": self.ids[index],
             "orig_size": torch.tensor(rgb.shape[:2], dtype=torch.int64),
         }
+
+    @property
+    def per_image_size(self) -> bool:
+        """Whether predictions keep each image's aspect (``preprocessing=seg4diff``): items then
+        carry ``eval_size`` and labels are not square."""
+        return self.preprocessing in PER_IMAGE_SIZE
+
+    @property
+    def eval_side(self) -> int:
+        """The side the evaluation size follows: the label side (the shortest side with
+        ``preprocessing=seg4diff``); 640 for a dataset without one."""
+        return getattr(self, "label_size", None) or SEG4DIFF_SHORT_SIDE
+
+    def model_input(self, rgb) -> dict[str, torch.Tensor]:
+        """The item fields made from the decoded image (H, W, 3) uint8: ``image`` float32
+        (3, image_size, image_size) in [-1, 1], and with a per-image size (``seg4diff``)
+        ``eval_size`` int64 [h', w'], the size of the prediction and the label."""
+        if not self.per_image_size:
+            return {"image": preprocess_image(rgb, self.image_size, self.preprocessing)}
+        image, size = seg4diff_image(rgb, self.eval_side, self.image_size)
+        return {"image": image, "eval_size": torch.tensor(size, dtype=torch.int64)}
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for logs and results."""
@@ -307,14 +337,18 @@ class LabelledDataset(ImageDataset):
 
     def _label_tensor(self, raw: np.ndarray, path: Path) -> torch.Tensor:
         mapped = self.map_label(raw, path)
-        label = preprocess_label(mapped, self.label_size, self.preprocessing)
+        if self.per_image_size:
+            label = seg4diff_label(mapped, self.label_size)
+        else:
+            label = preprocess_label(mapped, self.label_size, self.preprocessing)
         return torch.from_numpy(label.astype(np.int64))
 
     def load_label(self, index: int) -> torch.Tensor:
         """The evaluation label of one image, without decoding the image.
 
         Returns:
-            int64 tensor (label_size, label_size): class indices 0..num_classes-1, -1 = ignore.
+            int64 tensor (label_size, label_size) (``seg4diff``: (h', w')): class indices
+            0..num_classes-1, -1 = ignore.
         """
         index = self._check_index(index)
         path = self.label_paths[index]
@@ -325,7 +359,8 @@ class LabelledDataset(ImageDataset):
 
         Returns:
             dict with ``image`` float32 (3, image_size, image_size) in [-1, 1], ``label`` int64
-            (label_size, label_size) (-1 = ignore), ``id`` str and ``orig_size`` int64 [H, W].
+            (label_size, label_size) (-1 = ignore), ``id`` str and ``orig_size`` int64 [H, W];
+            with ``preprocessing=seg4diff`` the label is (h', w') and ``eval_size`` [h', w'].
         """
         index = self._check_index(index)
         image_path, label_path = self.image_paths[index], self.label_paths[index]
@@ -338,7 +373,7 @@ class LabelledDataset(ImageDataset):
                 "match pixel for pixel."
             )
         return {
-            "image": preprocess_image(rgb, self.image_size, self.preprocessing),
+            **self.model_input(rgb),
             "label": self._label_tensor(raw, label_path),
             "id": self.ids[index],
             "orig_size": torch.tensor(rgb.shape[:2], dtype=torch.int64),

@@ -21,7 +21,12 @@ from PIL import Image
 from diffseg.data.base import ImageDataset
 from diffseg.data.catalog import DatasetInfo, register
 from diffseg.data.io import IMAGE_EXTENSIONS, DataFileError, photo_size, read_photo
-from diffseg.data.transforms import check_crop, crop_window, preprocess_image_crop
+from diffseg.data.transforms import (
+    PER_IMAGE_SIZE,
+    check_crop,
+    crop_window,
+    preprocess_image_crop,
+)
 
 #: Appended to a read error in a strict folder run.
 SKIP_HINT = "To skip unreadable files in a folder run, set dataset.skip_unreadable=true."
@@ -74,8 +79,11 @@ class ImageFolder(ImageDataset):
     Args:
         path: a folder (searched recursively) or a single image file.
         image_size: model input side (512).
-        label_size: accepted for a uniform interface with the benchmarks; unused.
-        preprocessing: accepted for the same reason; ``crop`` says how a photo is made square.
+        label_size: the shortest side of the predictions with ``preprocessing="seg4diff"``
+            (640 when None); unused otherwise (predictions are square, then mapped back).
+        preprocessing: ``"seg4diff"`` runs Seg4Diff's chain (the whole photo, no crop;
+            ``crop`` is then ``"resize"``, and items carry ``eval_size``); any other value
+            leaves it to ``crop`` how a photo is made square.
         crop: "center" (the paper's centre square, the default), "pad" (pad to a square with
             mid-grey, nothing lost) or "resize" (squash to a square).
         skip_unreadable: False: a corrupt, truncated or empty file raises a
@@ -114,9 +122,13 @@ class ImageFolder(ImageDataset):
             _check_unique_ids(ids, files)
         else:
             raise FileNotFoundError(f"image folder not found: {path}")
-        super().__init__(ids, files, image_size=image_size, root=root)
+        # Photos follow ``crop`` under the square protocols (recorded as "diffseg", as always).
+        own = preprocessing if preprocessing in PER_IMAGE_SIZE else "diffseg"
+        super().__init__(ids, files, image_size=image_size, root=root, preprocessing=own)
         self.label_size = label_size
-        self.crop = check_crop(crop)
+        # Seg4Diff's chain keeps the whole photo (stretched, not cropped): a prediction maps back
+        # onto the photo as a "resize" one does.
+        self.crop = "resize" if self.per_image_size else check_crop(crop)
         self.skip_unreadable = bool(skip_unreadable)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -129,8 +141,12 @@ class ImageFolder(ImageDataset):
                 raise type(err)(f"{err} {SKIP_HINT}") from None
             return self._skipped_item(index, str(err))
         height, width = rgb.shape[:2]
+        if self.per_image_size:
+            model_input = self.model_input(rgb)
+        else:
+            model_input = {"image": preprocess_image_crop(rgb, self.image_size, self.crop)}
         return {
-            "image": preprocess_image_crop(rgb, self.image_size, self.crop),
+            **model_input,
             "id": self.ids[index],
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "crop": self.crop,
@@ -142,8 +158,10 @@ class ImageFolder(ImageDataset):
     def _skipped_item(self, index: int, message: str) -> dict[str, Any]:
         """An item with the keys and shapes of a good one, so the default collate batches it."""
         size = self.image_size
+        extra = {"eval_size": torch.ones(2, dtype=torch.int64)} if self.per_image_size else {}
         return {
             "image": torch.zeros(3, size, size, dtype=torch.float32),
+            **extra,
             "id": self.ids[index],
             "orig_size": torch.zeros(2, dtype=torch.int64),
             "crop": self.crop,

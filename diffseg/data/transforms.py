@@ -132,10 +132,14 @@ def from_model_range(image: torch.Tensor) -> np.ndarray:
 
 
 #: The benchmarks' preprocessing protocols: DiffSeg's release (centre square of side min(H, W),
-#: labels resized once to the evaluation size) and DiffCut's (side min(H, W) - 1 placed as
+#: labels resized once to the evaluation size), DiffCut's (side min(H, W) - 1 placed as
 #: torchvision's CenterCrop places it; labels nearest-exact to the model's input size, then
-#: torch's legacy nearest down to the evaluation size).
-PREPROCESSING = ("diffseg", "diffcut")
+#: torch's legacy nearest down to the evaluation size) and Seg4Diff's (no crop: shortest side to
+#: the evaluation size, zero padding to multiples of 32, the canvas stretched to the model's
+#: square; labels and predictions at each image's own resized size, see :func:`seg4diff_image`).
+PREPROCESSING = ("diffseg", "diffcut", "seg4diff")
+#: The preprocessings whose labels and predictions keep each image's aspect ratio (not square).
+PER_IMAGE_SIZE = ("seg4diff",)
 
 
 def check_preprocessing(preprocessing: str) -> str:
@@ -157,7 +161,9 @@ def diffcut_crop_box(height: int, width: int) -> tuple[int, int, int]:
 
 
 def _crop(x: np.ndarray, preprocessing: str) -> np.ndarray:
-    if check_preprocessing(preprocessing) == "diffseg":
+    if check_preprocessing(preprocessing) in PER_IMAGE_SIZE:
+        raise ValueError(f"preprocessing={preprocessing!r} does not crop: use seg4diff_image")
+    if preprocessing == "diffseg":
         return center_crop_square(x)
     top, left, side = diffcut_crop_box(x.shape[0], x.shape[1])
     return x[top : top + side, left : left + side]
@@ -200,6 +206,74 @@ def preprocess_label(
     exact = nearest_indices(cropped.shape[0], DIFFCUT_LABEL_STEP)
     index = exact[legacy_nearest_indices(DIFFCUT_LABEL_STEP, label_size)]
     return cropped[index[:, None], index[None, :]]
+
+
+# ----------------------------------------------------------------------------- Seg4Diff
+# Seg4Diff's release (detectron2's test mapper, then its model) neither crops nor keeps the
+# aspect ratio: the image is resized by its shortest side, padded to multiples of 32 with zeros
+# (black) at the bottom / right, and that canvas is stretched to the model's square input. The
+# evaluation happens at the resized, unpadded size (h', w'), which differs from image to image.
+
+#: Seg4Diff's input constants: shortest side 640 (detectron2's MIN_SIZE_TEST; the longest side
+#: at most 4x that, MAX_SIZE_TEST 2560), padding to multiples of 32, a 1024 x 1024 model input.
+SEG4DIFF_SHORT_SIDE, SEG4DIFF_PAD_TO, SEG4DIFF_MODEL_SIZE = 640, 32, 1024
+SEG4DIFF_MAX_RATIO = 4
+
+
+def seg4diff_size(
+    height: int, width: int, short_side: int = SEG4DIFF_SHORT_SIDE
+) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge(short_side, max 4 x short_side): the resized ``(h', w')``
+    of an H x W image (640 -> at most 2560, as released), rounded half up."""
+    longest = SEG4DIFF_MAX_RATIO * short_side
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > longest:
+        scale = longest / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def padded_size(height: int, width: int, multiple: int = SEG4DIFF_PAD_TO) -> tuple[int, int]:
+    """``(height, width)`` rounded up to multiples of ``multiple`` (Seg4Diff's canvas)."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def seg4diff_image(
+    rgb: np.ndarray,
+    short_side: int = SEG4DIFF_SHORT_SIDE,
+    model_size: int = SEG4DIFF_MODEL_SIZE,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Seg4Diff's input chain for a uint8 RGB image (H, W, 3).
+
+    PIL bilinear resize to ``(h', w') = seg4diff_size(H, W, short_side)`` (on uint8, PIL's
+    antialiasing when it shrinks), x / 255, zero padding of the bottom / right to multiples of
+    32, the padded canvas stretched to ``model_size`` squared (bilinear, half-pixel, no
+    antialias; aspect not kept), then 2x - 1.
+
+    Returns:
+        ``(image, (h', w'))``: float32 (3, model_size, model_size) in [-1, 1], and the
+        evaluation size.
+    """
+    from PIL import Image
+
+    h, w = seg4diff_size(*rgb.shape[:2], short_side)
+    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
+    ph, pw = padded_size(h, w)
+    x = F.pad(x, (0, pw - w, 0, ph - h))
+    x = F.interpolate(x[None], size=(model_size, model_size), mode="bilinear",
+                      align_corners=False)[0]  # fmt: skip
+    return 2 * x - 1, (h, w)
+
+
+def seg4diff_label(label: np.ndarray, short_side: int = SEG4DIFF_SHORT_SIDE) -> np.ndarray:
+    """A label map (H, W) at Seg4Diff's evaluation size ``(h', w')``: nearest with half-pixel
+    centres (PIL's NEAREST rule, without its limits on integer modes)."""
+    h, w = seg4diff_size(*label.shape[:2], short_side)
+    rows = np.minimum(((np.arange(h) + 0.5) * label.shape[0] / h).astype(np.int64),
+                      label.shape[0] - 1)  # fmt: skip
+    cols = np.minimum(((np.arange(w) + 0.5) * label.shape[1] / w).astype(np.int64),
+                      label.shape[1] - 1)  # fmt: skip
+    return label[rows[:, None], cols[None, :]]
 
 
 # ----------------------------------------------------------------------------- own photos
@@ -273,14 +347,16 @@ def to_original_size(
     """Map a square prediction back onto the photo it was made from.
 
     Each photo pixel takes the segment at its position in the square (nearest, half-pixel
-    centres, like :func:`resize_label`): for ``resize`` this is a nearest resize to (H, W),
+    centres, like :func:`resize_label`): for ``resize`` this is a nearest resize to (H, W)
+    (the segments may then be any (h, w), such as ``preprocessing=seg4diff``'s (h', w')),
     for ``pad`` the padding is cut away. With ``center``, the photo's borders outside the
     centre square were never segmented: they get ``fill`` (-1, "not segmented", drawn black
     by ``diffseg.overlay.colorize``), or with ``fill=None`` the nearest segment (extended
     outwards; prettier, but it claims pixels the model never saw).
 
     Args:
-        segments: (S, S) integer segment ids (numpy or torch, any device).
+        segments: (S, S) integer segment ids (numpy or torch, any device); (h, w) for
+            ``resize``.
         orig_size: the photo's (H, W), e.g. an item's ``orig_size``.
         crop: the crop mode the item was made with (an item's ``crop``).
 
@@ -289,11 +365,12 @@ def to_original_size(
     """
     height, width = (int(v) for v in orig_size)
     top, left, box_h, box_w = crop_window(height, width, crop)
-    size = segments.shape[-1]
-    if segments.shape[-2:] != (size, size) or segments.ndim != 2:
-        raise ValueError(f"segments must be square (S, S), got {tuple(segments.shape)}")
-    rows, row_in = _source_indices(height, top, box_h, size)
-    cols, col_in = _source_indices(width, left, box_w, size)
+    if segments.ndim != 2 or (crop != "resize" and segments.shape[0] != segments.shape[1]):
+        raise ValueError(
+            f"segments must be (S, S) (any (h, w) with crop='resize'), got {tuple(segments.shape)}"
+        )
+    rows, row_in = _source_indices(height, top, box_h, segments.shape[0])
+    cols, col_in = _source_indices(width, left, box_w, segments.shape[1])
     if isinstance(segments, torch.Tensor):
         dev = segments.device
         out = segments.to(torch.int64)[

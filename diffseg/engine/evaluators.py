@@ -45,13 +45,15 @@ class SegmentedBatch:
 
     Attributes:
         ids: the images' ids.
-        preds: int64 ``(B, S, S)`` segment ids on the CPU, ``S`` the evaluation size.
+        preds: int64 ``(B, S, S)`` segment ids on the CPU, ``S`` the evaluation size; with a
+            per-image evaluation size (``preprocessing=seg4diff``) ``(B, h, w)``, or a list of
+            B ``(h_b, w_b)`` tensors when the sizes differ.
         items: per image, the loader's fields (``image`` (3, H, H) in [-1, 1], ``label``
-            (S, S), ``orig_size``, ``crop``, ...), on the CPU.
+            (S, S) or (h_b, w_b), ``orig_size``, ``crop``, ``eval_size``...), on the CPU.
     """
 
     ids: list[str]
-    preds: Tensor
+    preds: Tensor | list[Tensor]
     items: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -157,8 +159,15 @@ class MetricEvaluator(Records):
             raise ResumeError(f"{self.folder / 'per_image.csv'}: {err}") from None
 
     def process(self, batch: SegmentedBatch) -> None:
-        labels = torch.stack([item["label"] for item in batch.items])
-        records = self.metrics.update(batch.preds, labels)
+        labels = [item["label"] for item in batch.items]
+        if isinstance(batch.preds, Tensor):
+            records = self.metrics.update(batch.preds, torch.stack(labels))
+        else:  # one size per image: matched one by one (the same records)
+            records = [
+                rec
+                for pred, label in zip(batch.preds, labels, strict=True)
+                for rec in self.metrics.update(pred, label)
+            ]
         self._write([{"id": i, **rec} for i, rec in zip(batch.ids, records, strict=True)])
 
     def running(self) -> dict[str, Any]:
@@ -246,8 +255,10 @@ class PredictionWriter(Evaluator):
 
 class OverlayWriter(Evaluator):
     """Overlays (image | segments | edges, and the label when there is one) for chosen images,
-    captioned when the weights were random. ``load_photo(id)`` (image folders) draws on the
-    photo at its own size instead of the model input."""
+    captioned when the weights were random. ``load_photo(id)`` draws on the stored photo
+    instead of the model input: at the photo's own size (image folders, ``on_photo``), or
+    resized to the prediction (``preprocessing=seg4diff``, whose model input is a stretched,
+    padded canvas)."""
 
     def __init__(
         self,
@@ -255,11 +266,13 @@ class OverlayWriter(Evaluator):
         ids: Sequence[str],
         metadata: dict[str, Any],
         load_photo=None,
+        on_photo: bool = True,
     ) -> None:
         self.folder = Path(out_dir) / "overlays"
         self.ids = set(ids)
         self.metadata = metadata
         self.load_photo = load_photo
+        self.on_photo = on_photo
 
     def process(self, batch: SegmentedBatch) -> None:
         from ..data.transforms import to_original_size
@@ -272,7 +285,10 @@ class OverlayWriter(Evaluator):
             image, label = item["image"], item.get("label")
             if self.load_photo is not None:
                 image = self.load_photo(image_id)
-                pred = to_original_size(pred, item["orig_size"], item.get("crop", "center"))
+                if self.on_photo:
+                    pred = to_original_size(pred, item["orig_size"], item.get("crop", "center"))
+                else:
+                    image = resize_photo(image, tuple(pred.shape))
             save_overlay(
                 self.folder / f"{image_id}.png",
                 image,
@@ -323,7 +339,19 @@ def overlay_writer(ctx: EvaluatorContext) -> Evaluator | None:
     if not shown:
         return None
     photo = None
-    if ctx.is_folder:
+    if ctx.is_folder or getattr(ctx.dataset, "per_image_size", False):
         index_of = {image_id: k for k, image_id in enumerate(ctx.dataset.ids)}
         photo = lambda image_id: ctx.dataset.load_rgb(index_of[image_id])  # noqa: E731
-    return OverlayWriter(ctx.out_dir, shown, ctx.metadata, load_photo=photo)
+    return OverlayWriter(ctx.out_dir, shown, ctx.metadata, load_photo=photo,
+                         on_photo=ctx.is_folder)  # fmt: skip
+
+
+def resize_photo(rgb, size: tuple[int, int]):
+    """A uint8 photo (H, W, 3) resized to ``size`` (h, w) with PIL's bilinear filter (as
+    Seg4Diff's input chain resizes it), for drawing under a prediction of that size."""
+    import numpy as np
+    from PIL import Image
+
+    if rgb.shape[:2] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))

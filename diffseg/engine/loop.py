@@ -67,8 +67,9 @@ class SettingRun:
         return [*self.writers, self.records]
 
 
-def classes_per_image(labels: torch.Tensor) -> list[int]:
-    """(B, S, S) labels -> the number of distinct labelled classes per image (K-Means-S)."""
+def classes_per_image(labels: Sequence[torch.Tensor]) -> list[int]:
+    """Labels, one (h, w) per image (or a (B, S, S) tensor) -> the number of distinct labelled
+    classes per image (K-Means-S)."""
     return [int(torch.unique(lab[lab >= 0]).numel()) for lab in labels]
 
 
@@ -100,8 +101,9 @@ def _drop_skipped(batch: dict[str, Any], times: StageTimes) -> dict[str, Any] | 
     }
 
 
-#: The per-image hints the engine can provide, by name: ``labels (B, S, S) -> one value per image``.
-HINTS: dict[str, Callable[[torch.Tensor], list[Any]]] = {"num_classes": classes_per_image}
+#: The per-image hints the engine can provide, by name: ``labels (one per image) -> one value per
+#: image``.
+HINTS: dict[str, Callable[[Sequence[torch.Tensor]], list[Any]]] = {"num_classes": classes_per_image}
 
 
 def background_merger(labels, background: tuple[int, int] | None):
@@ -136,15 +138,40 @@ def hints_for(method: Method, labels) -> dict[str, Any] | None:
         )
     if labels is None:
         raise ValueError(f"{method.name} needs labels for its hints {list(method.hints)}")
-    stacked = torch.stack(labels)
-    return {h: HINTS[h](stacked) for h in method.hints}
+    return {h: HINTS[h](labels) for h in method.hints}
 
 
-def predict(method: Method, features, size: int, hints, labels, background):
-    """A method's labels ``(B, S, S)`` on the CPU, through its own :meth:`Method.predict` (which
-    orders the background merge and any refinement)."""
+def predict(method: Method, features, size, hints, labels, background):
+    """A method's labels ``(B, h, w)`` on the CPU (``size``: S or (h, w)), through its own
+    :meth:`Method.predict` (which orders the background merge and any refinement)."""
     merge = background_merger(labels, background) if labels is not None else None
     return method.predict(features, size, hints, merge).cpu()
+
+
+def eval_size(item: dict[str, Any], resolution: int) -> int | tuple[int, int]:
+    """The size of an item's prediction: its own ``eval_size`` (h', w') when the preprocessing
+    keeps each image's aspect (``seg4diff``), else the run's square ``resolution``."""
+    size = item.get("eval_size")
+    return resolution if size is None else (int(size[0]), int(size[1]))
+
+
+def _predict_by_size(method, features, sizes, hints, labels, background):
+    """:func:`predict` once per distinct size among the images (one call when they agree);
+    returns a (B, h, w) tensor, or a list of B (h_b, w_b) tensors when sizes differ."""
+    groups: dict[Any, list[int]] = {}
+    for k, size in enumerate(sizes):
+        groups.setdefault(size, []).append(k)
+    if len(groups) == 1:
+        return predict(method, features, sizes[0], hints, labels, background)
+    preds: list[Any] = [None] * len(sizes)
+    for size, members in groups.items():
+        part_hints = None if hints is None else {h: [v[k] for k in members]
+                                                 for h, v in hints.items()}  # fmt: skip
+        part_labels = None if labels is None else [labels[k] for k in members]
+        out = predict(method, features.select(members), size, part_hints, part_labels, background)
+        for k, pred in zip(members, out, strict=True):
+            preds[k] = pred
+    return preds
 
 
 def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict, background):
@@ -156,7 +183,8 @@ def _segment(run: SettingRun, features, ids, items, resolution: int, timer: dict
     t0 = time.perf_counter()
     labels = [items[k]["label"] for k in pending] if "label" in items[0] else None
     hints = hints_for(method, labels)
-    preds = predict(method, features.select(pending), resolution, hints, labels, background)
+    sizes = [eval_size(items[k], resolution) for k in pending]
+    preds = _predict_by_size(method, features.select(pending), sizes, hints, labels, background)
     timer["method"] += time.perf_counter() - t0
     return SegmentedBatch([ids[k] for k in pending], preds, [items[k] for k in pending])
 

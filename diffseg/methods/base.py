@@ -10,7 +10,8 @@ nothing else:
 ``defaults(context)``   (class method) parameter values that depend on the dataset or the backbone,
                         used where the config leaves the parameter ``null``; default none
 ``feature_request()``   what the method needs from the UNet pass (:mod:`diffseg.features`)
-``segment(...)``        labels ``(B, S, S)`` of a batch (the public API)
+``segment(...)``        labels ``(B, S, S)`` of a batch (the public API); ``(B, h, w)`` for an
+                        ``(h, w)`` size when ``any_output_shape`` is True (default False)
 ``predict(...)``        what the engine records: :meth:`segment`, then the dataset's background
                         merge; a method with a label refinement overrides the order
 ``check_inputs``        the engine sets it False after the first batch (skip checks that wait for
@@ -95,6 +96,9 @@ class Method:
     hints: tuple[str, ...] = ()
     #: False after the first batch of a run: skip input checks that wait for the device.
     check_inputs: bool = True
+    #: Whether :meth:`segment` takes an ``(h, w)`` output size as well as a side ``S``: the
+    #: per-image evaluation sizes of ``preprocessing=seg4diff`` need it.
+    any_output_shape: bool = False
 
     @classmethod
     def defaults(cls, context: MethodContext) -> dict[str, Any]:

@@ -176,6 +176,12 @@ class DiffSeg(RefiningMethod):
         """Whether the labels end with PAMR (``pamr=True``)."""
         return self.pamr
 
+    @property
+    def any_output_shape(self) -> bool:
+        """(h, w) labels are upsampled proposals, so any shape works; PAMR compares the labels
+        with the square model input, so with it only square ones do."""
+        return not self.pamr
+
     # -- steps ---------------------------------------------------------------------------------
 
     def grid_size(self, maps: Mapping[int, Tensor]) -> int:

@@ -45,6 +45,8 @@ class KMeansSegmentor(Method):
         max_iter, tol: Lloyd settings (scikit-learn's defaults).
     """
 
+    any_output_shape = True  # the proposals are upsampled to any (h, w)
+
     def __init__(
         self,
         num_clusters: int | None = 6,

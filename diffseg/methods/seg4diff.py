@@ -13,9 +13,10 @@ heads) from the 4096 image tokens to the 77 CLIP tokens give A (B, 4096, 77). Th
    value; ``intended``: tau 0.035, the config's);
 4. bilinear upsampling (half-pixel) to the evaluation size and argmax (first index on ties).
 
-Inputs (:func:`seg4diff_image`): shortest side to 640 (longest at most 2560), zero padding of the
-bottom / right to multiples of 32, the padded canvas stretched to 1024 x 1024; predictions at the
-resized, unpadded size (the 64 x 64 grid is stretched over it, padding included, as released).
+Inputs (``preprocessing=seg4diff``, :func:`diffseg.data.transforms.seg4diff_image`): shortest
+side to 640 (longest at most 2560), zero padding of the bottom / right to multiples of 32, the
+padded canvas stretched to 1024 x 1024; predictions at the resized, unpadded size (the 64 x 64
+grid is stretched over it, padding included, as released).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.transforms import padded_size, seg4diff_image, seg4diff_label, seg4diff_size
 from ..features import FeatureRequest, Features
 from .base import Method, check_hints, check_number
 from .merging import greedy_merge, proposals_to_labels
@@ -52,7 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 SD3_LAYER = 9
 NUM_TOKENS = 77  # the CLIP text positions (BOS, EOS, 75 pads); the zero-T5 keys never compete
 NORM_EPS = 1e-6
-MIN_SIZE, MAX_SIZE, PAD_TO, MODEL_SIZE = 640, 2560, 32, 1024
 
 
 # -------------------------------------------------------------------------------- the steps
@@ -74,48 +74,6 @@ def normalize_attention(attn: Tensor, normalize: str = "pixel", power: float = 1
 def candidate_maps(normalized: Tensor) -> Tensor:
     """Spatial softmax of each token's column: (B, N, T) -> (B, T, N), rows sum to 1."""
     return normalized.float().transpose(-1, -2).softmax(dim=-1)
-
-
-# -------------------------------------------------------------------------------- inputs
-
-
-def seg4diff_size(height: int, width: int) -> tuple[int, int]:
-    """detectron2's ResizeShortestEdge(640, max 2560): ``(h', w')`` of an H x W image."""
-    scale = MIN_SIZE / min(height, width)
-    if max(height, width) * scale > MAX_SIZE:
-        scale = MAX_SIZE / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def seg4diff_image(rgb: np.ndarray) -> tuple[Tensor, tuple[int, int]]:
-    """The released input chain for a uint8 RGB image (H, W, 3).
-
-    Returns ``(image (3, 1024, 1024) float32 in [-1, 1], (h', w'))``: PIL bilinear resize to
-    (h', w'), x / 255, zero padding of the bottom / right to multiples of 32, the canvas
-    stretched to 1024 x 1024 (bilinear, align_corners=False, no antialias; aspect not kept),
-    then 2x - 1.
-    """
-    from PIL import Image
-
-    h, w = seg4diff_size(*rgb.shape[:2])
-    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-    x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
-    ph, pw = math.ceil(h / PAD_TO) * PAD_TO, math.ceil(w / PAD_TO) * PAD_TO
-    x = F.pad(x, (0, pw - w, 0, ph - h))
-    x = F.interpolate(x[None], size=(MODEL_SIZE, MODEL_SIZE), mode="bilinear",
-                      align_corners=False)[0]  # fmt: skip
-    return 2 * x - 1, (h, w)
-
-
-def seg4diff_label(label: np.ndarray) -> np.ndarray:
-    """A label map (H, W) at the evaluation size (h', w'): nearest with half-pixel centres (PIL's
-    NEAREST rule, without its limits on integer modes)."""
-    h, w = seg4diff_size(*label.shape[:2])
-    rows = np.minimum(((np.arange(h) + 0.5) * label.shape[0] / h).astype(np.int64),
-                      label.shape[0] - 1)  # fmt: skip
-    cols = np.minimum(((np.arange(w) + 0.5) * label.shape[1] / w).astype(np.int64),
-                      label.shape[1] - 1)  # fmt: skip
-    return label[rows[:, None], cols[None, :]]
 
 
 # -------------------------------------------------------------------------------- the method
@@ -153,6 +111,7 @@ class Seg4Diff(Method):
 
     name = "seg4diff"
     hints: tuple[str, ...] = ()
+    any_output_shape = True
 
     def __init__(
         self,
@@ -282,7 +241,7 @@ class Seg4Diff(Method):
         h, w = _size(output_size)
         if self.align == "stretch":
             return torch.stack([proposals_to_labels(m, (h, w)) for m in self.merged_maps(attn)])
-        padded = (math.ceil(h / PAD_TO) * PAD_TO, math.ceil(w / PAD_TO) * PAD_TO)
+        padded = padded_size(h, w)
         maps = self.merged_maps(attn)
         return torch.stack([proposals_to_labels(m, padded)[:h, :w] for m in maps])
 

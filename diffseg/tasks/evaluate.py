@@ -200,6 +200,7 @@ def _prepare(rc: RunConfig, run_dir: Path) -> _Prepared:
     dataset = build_dataset_from_config(
         rc.dataset, image_size, options.resolution, rc.preprocessing
     )
+    _check_output_shapes(settings, dataset)
     ids = _select_ids(dataset, options.limit)
     if dist.is_main:
         _warn_about_shapes(dataset)
@@ -305,6 +306,20 @@ def _finish(rc: RunConfig, prep: _Prepared, stages, done: int, clock) -> dict[st
     return _report(rc, prep)
 
 
+def _check_output_shapes(settings, dataset) -> None:
+    """A preprocessing that evaluates each image at its own aspect (``seg4diff``) needs methods
+    that predict (h, w) label maps; refuse the others before anything is claimed."""
+    if not dataset.per_image_size:
+        return
+    square = [s.method_name for s in settings if not s.method.any_output_shape]
+    if square:
+        raise ConfigError(
+            f"method {square[0]} predicts square label maps only, but preprocessing="
+            f"{dataset.preprocessing} evaluates every image at its own resized size; use "
+            "preprocessing=diffseg or diffcut with it (or drop its PAMR, where it has one)"
+        )
+
+
 def _select_ids(dataset, limit: int | None) -> list[str]:
     """The ids a run evaluates: the dataset's, or its first ``limit``."""
     return list(dataset.ids) if limit is None else list(dataset.ids)[:limit]
@@ -393,11 +408,14 @@ def _loop(dataset, todo, backbone, runs, options, progress, stages):
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from ..data.collate import collate_items
+
     index_of = {image_id: k for k, image_id in enumerate(dataset.ids)}
     loader = DataLoader(
         Subset(dataset, [index_of[i] for i in todo]),
         batch_size=options.batch_size,
         shuffle=False,
+        collate_fn=collate_items,
         num_workers=options.num_workers if len(todo) > 1 else 0,
         pin_memory=options.device.type == "cuda",
     )
