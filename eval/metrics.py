@@ -16,6 +16,18 @@ PiCIE), applied to each image on its own:
 Over a dataset the integers add up: ``ACC = sum(TP) / pixels``, ``IoU_c = TP_c / (TP_c + FP_c +
 FN_c)`` and ``mIoU`` is the mean of the defined IoUs (nan-mean). Both are reported in percent.
 
+**Row matching** (``matching="row"``) is a compatibility mode only. The Seg4Diff release (docs/seg4diff.md section 2) hands its PiCIE-style matching function
+one (H, W) prediction and label, and that function loops over axis 0 as if it were a batch. So
+every pixel row is matched on its own: steps 1 to 3 above run once per row, the matrix of a row
+has ``max(num_classes, K_row)`` columns with ``K_row`` = (largest segment id in that row, over
+all its pixels) + 1, and the image's TP/FP/FN are the sums over its rows. A row without a
+labelled pixel adds nothing. ``matching="row"`` reproduces that evaluator exactly, to compare
+with its published numbers. It is far more lenient (a segment may stand for a different class
+in every row; a single-segment prediction of a striped scene scores many times its per-image
+mIoU), so a row-matched number must never be reported as a headline result. In this mode
+``ImageMatch.segment_of_class`` is -1 for every class (no single segment is matched to a class
+over the whole image) and ``class_of_segment`` raises.
+
 Only numpy, scipy and torch are used. Inputs may be torch tensors (on any device; the confusion
 counts are computed there) or numpy arrays.
 """
@@ -23,7 +35,7 @@ counts are computed there) or numpy arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +44,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
+    "MATCHINGS",
     "HungarianMetrics",
     "ImageMatch",
     "confusion_matrix",
@@ -42,6 +55,21 @@ __all__ = [
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
+
+#: The matchings: "image" (the protocol, default) and "row" (the Seg4Diff release's per-row
+#: compatibility mode; never a headline number).
+MATCHINGS = ("image", "row")
+
+
+def _check_matching(matching: Any) -> str:
+    """``matching`` if it is one of ``MATCHINGS``, else a ValueError naming the choices."""
+    if not isinstance(matching, str) or matching not in MATCHINGS:
+        raise ValueError(
+            f"matching={matching!r} is not a matching; choose one of "
+            f"{', '.join(repr(m) for m in MATCHINGS)} ('image' is the protocol, 'row' only "
+            "reproduces the Seg4Diff release's per-row evaluator)."
+        )
+    return matching
 
 
 def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
@@ -71,13 +99,18 @@ def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
 
 
 def _batch_confusion(
-    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
+    pred: torch.Tensor,
+    label: torch.Tensor,
+    num_classes: int,
+    ignore_index: int,
+    where: Callable[[int], str] = "image {} of the batch".format,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Confusion counts of a batch with one bincount.
 
     Args:
         pred: (B, H, W) integer segment ids >= 0.
         label: (B, H, W) integer classes in [0, num_classes) or ``ignore_index``.
+        where: how an error names batch element ``b`` (``where(b)``).
 
     Returns:
         ``hist``: (B, num_classes + 1, N) int64 numpy array, ``N = max(num_classes, max K_b)``;
@@ -107,7 +140,7 @@ def _batch_confusion(
     if bad is not None and bool(bad.any()):
         image, pos = (int(v) for v in bad.nonzero()[0])
         raise ValueError(
-            f"label holds class {int(flat_label[image, pos])} (image {image} of the batch); "
+            f"label holds class {int(flat_label[image, pos])} ({where(image)}); "
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}. "
             "Map the dataset's raw ids to classes first, or set num_classes/ignore_index."
         )
@@ -139,7 +172,9 @@ class ImageMatch:
             (ignored pixels included: it describes the method's output).
         num_classes: classes present among the labelled pixels.
         segment_of_class: (num_classes,) int64, the segment id each class was matched to
-            (absent classes too; every class gets one column of the matrix).
+            (absent classes too; every class gets one column of the matrix). With
+            ``matching="row"`` -1 for every class: each row has a matching of its own.
+        matching: "image" or "row" (see the module docstring); not part of ``record()``.
     """
 
     tp: np.ndarray
@@ -149,6 +184,7 @@ class ImageMatch:
     num_segments: int
     num_classes: int
     segment_of_class: np.ndarray
+    matching: str = "image"
 
     @property
     def acc(self) -> float:
@@ -174,7 +210,16 @@ class ImageMatch:
 
         ``S`` defaults to the number of matrix columns covered by the matching; useful for
         colouring a prediction by its matched classes (``class_of_segment()[pred]``).
+
+        Raises:
+            ValueError: for a row matching, where a segment has no class over the image.
         """
+        if self.matching != "image":
+            raise ValueError(
+                f"class_of_segment needs a per-image matching; this one is matching="
+                f"{self.matching!r} (each pixel row is matched on its own). Use "
+                "match_image(..., matching='image') to colour a prediction by class."
+            )
         s = int(self.segment_of_class.max()) + 1 if num_segments is None else num_segments
         out = np.full(s, -1, dtype=np.int64)
         keep = self.segment_of_class < s
@@ -232,14 +277,71 @@ def confusion_matrix(
     return np.ascontiguousarray(hist[0, :num_classes, : int(ncols[0])])
 
 
-def match_image(
-    pred: ArrayLike, label: ArrayLike, num_classes: int = 27, ignore_index: int = -1
-) -> ImageMatch:
-    """Per-image Hungarian matching of one (H, W) prediction against its (H, W) label.
+#: Histogram entries per block of rows in ``_match_rows`` (bounds its memory, ~32 MB).
+_ROW_BLOCK = 1 << 22
 
-    See the module docstring for the protocol; ``ImageMatch.record()`` gives the JSON record.
+
+def _match_rows(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int, image: int = 0
+) -> ImageMatch:
+    """Row matching of one image: every pixel row matched on its own, counts summed.
+
+    Args:
+        pred: (H, W) integer segment ids >= 0.
+        label: (H, W) integer classes in [0, num_classes) or ``ignore_index``.
+        image: the image's index in its batch (error messages only).
     """
+    tp, fp, fn = (np.zeros(num_classes, dtype=np.int64) for _ in range(3))
+    widest = max(num_classes, int(pred.max()) + 1) if pred.numel() else num_classes
+    totals = np.zeros((num_classes + 1, widest), dtype=np.int64)  # the whole image's counts
+    # Rows as a batch of (1, W) images: one bincount per block of rows, the block sized so
+    # its (rows, num_classes + 1, <= widest) histogram stays near _ROW_BLOCK entries.
+    step = max(1, _ROW_BLOCK // ((num_classes + 1) * widest))
+    for start in range(0, pred.shape[0], step):
+        hist, ncols = _batch_confusion(
+            pred[start : start + step, None],
+            label[start : start + step, None],
+            num_classes,
+            ignore_index,
+            where=lambda r, start=start: f"image {image}, pixel row {start + r}",
+        )
+        totals[:, : hist.shape[2]] += hist.sum(axis=0)
+        for r in np.flatnonzero(hist[:, :num_classes].sum(axis=(1, 2))):  # rows with labels
+            m = _match_hist(hist[r], int(ncols[r]), num_classes)
+            tp += m.tp
+            fp += m.fp
+            fn += m.fn
+    row_sum = totals[:num_classes].sum(axis=1)
+    return ImageMatch(
+        tp=tp,
+        fp=fp,
+        fn=fn,
+        pixels=int(row_sum.sum()),
+        num_segments=int(np.count_nonzero(totals.sum(axis=0))),
+        num_classes=int(np.count_nonzero(row_sum)),
+        segment_of_class=np.full(num_classes, -1, dtype=np.int64),
+        matching="row",
+    )
+
+
+def match_image(
+    pred: ArrayLike,
+    label: ArrayLike,
+    num_classes: int = 27,
+    ignore_index: int = -1,
+    matching: str = "image",
+) -> ImageMatch:
+    """Hungarian matching of one (H, W) prediction against its (H, W) label.
+
+    ``matching="image"`` (the protocol) matches the whole image; ``"row"`` matches every pixel
+    row on its own and sums the counts (the Seg4Diff release's evaluator; a compatibility mode,
+    never a headline number). See the module docstring; ``ImageMatch.record()`` gives the
+    JSON record.
+    """
+    _check_matching(matching)
     p, lab = _check_pair(pred, label, single=True)
+    if matching == "row":
+        return _match_rows(p[0], lab[0], num_classes, ignore_index)
     hist, ncols = _batch_confusion(p, lab, num_classes, ignore_index)
     return _match_hist(hist[0], int(ncols[0]), num_classes)
 
@@ -308,13 +410,20 @@ class HungarianMetrics:
     ``merge``, and any replay of saved per-image records with ``add_records`` give exactly the
     same result.
 
+    ``matching="row"`` matches every pixel row on its own instead of every image (the Seg4Diff
+    release's evaluator, module docstring): a compatibility mode, never a headline number.
+    Records look the same in both modes and do not say their matching; ``state()`` does, and
+    ``merge`` refuses to mix matchings.
+
     Example:
         >>> m = HungarianMetrics(num_classes=27)
         >>> records = m.update(segments, labels)  # (B, H, W) each, torch or numpy
         >>> m.compute()["miou"]
     """
 
-    def __init__(self, num_classes: int = 27, ignore_index: int = -1) -> None:
+    def __init__(
+        self, num_classes: int = 27, ignore_index: int = -1, matching: str = "image"
+    ) -> None:
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
         if 0 <= ignore_index < num_classes:
@@ -324,6 +433,7 @@ class HungarianMetrics:
             )
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        self.matching = _check_matching(matching)
         self.reset()
 
     def reset(self) -> None:
@@ -339,19 +449,25 @@ class HungarianMetrics:
         return self.num_images
 
     def __repr__(self) -> str:
+        row = ", matching='row'" if self.matching == "row" else ""
         return (
-            f"HungarianMetrics(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
-            f"num_images={self.num_images})"
+            f"HungarianMetrics(num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+            f"{row}, num_images={self.num_images})"
         )
 
     def match(self, pred: ArrayLike, label: ArrayLike) -> list[ImageMatch]:
-        """Match a batch without accumulating.
+        """Match a batch without accumulating (per image or per row, as ``matching`` says).
 
         Args:
             pred: (B, H, W) or (H, W) integer segment ids >= 0, any ids, per image.
             label: same shape, classes in [0, num_classes) or ``ignore_index``.
         """
         p, lab = _check_pair(pred, label)
+        if self.matching == "row":
+            return [
+                _match_rows(p[i], lab[i], self.num_classes, self.ignore_index, image=i)
+                for i in range(p.shape[0])
+            ]
         # On a GPU one bincount for the batch saves launches; on the CPU image by image keeps
         # the working set in cache (faster, see benchmarks/metrics.py). Same counts either way.
         step = p.shape[0] if p.device.type != "cpu" else 1
@@ -443,6 +559,7 @@ class HungarianMetrics:
         return {
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
+            "matching": self.matching,
             "tp": self.tp.tolist(),
             "fp": self.fp.tolist(),
             "fn": self.fn.tolist(),
@@ -452,13 +569,22 @@ class HungarianMetrics:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> HungarianMetrics:
-        """Rebuild from ``state()`` output."""
-        m = cls(num_classes=state["num_classes"], ignore_index=state.get("ignore_index", -1))
+        """Rebuild from ``state()`` output (a state without ``matching`` is "image")."""
+        m = cls(
+            num_classes=state["num_classes"],
+            ignore_index=state.get("ignore_index", -1),
+            matching=state.get("matching", "image"),
+        )
         m.merge(state)
         return m
 
     def merge(self, other: HungarianMetrics | Mapping[str, Any]) -> HungarianMetrics:
-        """Add another accumulator's totals (or its ``state()``) to this one; returns self."""
+        """Add another accumulator's totals (or its ``state()``) to this one; returns self.
+
+        Raises:
+            ValueError: the other counts another number of classes, another ignore_index or
+                another matching (a state without ``matching`` is "image").
+        """
         state = other.state() if isinstance(other, HungarianMetrics) else other
         if state["num_classes"] != self.num_classes:
             raise ValueError(
@@ -469,6 +595,12 @@ class HungarianMetrics:
             raise ValueError(
                 f"cannot merge metrics with ignore_index={state['ignore_index']} into metrics "
                 f"with ignore_index={self.ignore_index}."
+            )
+        if state.get("matching", "image") != self.matching:
+            raise ValueError(
+                f"cannot merge metrics with matching={state.get('matching', 'image')!r} into "
+                f"metrics with matching={self.matching!r}: per-row and per-image counts do not "
+                "add up to either protocol."
             )
         tp, fp, fn = (np.asarray(state[k], dtype=np.int64) for k in ("tp", "fp", "fn"))
         if not (tp.shape == fp.shape == fn.shape == (self.num_classes,)):

@@ -4,7 +4,7 @@ Usage::
 
     python -m eval.score --dataset coco_stuff27 --predictions DIR [--root R]
         [--resolution 512] [--curated | --no-curated] [--ids-file F] [--ignore-extra]
-        [--output results.json] [--per-image per_image.jsonl]
+        [--output results.json] [--per-image per_image.jsonl] [--matching image|row]
     python -m eval.score --dataset voc --predictions DIR --resolution 128 [--preprocessing P]
         [--no-background-merge]
 
@@ -30,6 +30,11 @@ For datasets with a background class (``background_index`` of the loader: voc, c
 coco_object) each prediction first goes through ``eval.metrics.merge_background`` (DiffCut's
 many-to-one rule: segments not matched to an object class of the image become one background
 segment), then the usual matching over all classes; ``--no-background-merge`` skips it.
+
+``--matching row`` matches every pixel row on its own, as the Seg4Diff release's evaluator does
+(``eval.metrics``, a compatibility mode far more lenient than the protocol: never a headline
+number; that release merges no background, so add ``--no-background-merge`` to reproduce it).
+The output JSON always says its ``matching``, and the printed line flags a row matching.
 """
 
 from __future__ import annotations
@@ -45,10 +50,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from eval.metrics import HungarianMetrics, json_safe, merge_background
+from eval.metrics import MATCHINGS, HungarianMetrics, json_safe, merge_background
 
 PROTOCOL = "per-image Hungarian matching (docs/diffseg.md section 7; eval/README.md)"
-BACKGROUND_PROTOCOL = "many-to-one background merge (DiffCut), then " + PROTOCOL
+_MERGE_FIRST = "many-to-one background merge (DiffCut), then "
+BACKGROUND_PROTOCOL = _MERGE_FIRST + PROTOCOL
+ROW_PROTOCOL = (
+    "per-row Hungarian matching, the Seg4Diff release's evaluator (eval/README.md): a "
+    "compatibility mode, NOT a headline number"
+)
 # Single-channel Pillow modes whose values are the stored integers.
 _ID_MODES = ("L", "P", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
 _SHOW = 5  # ids shown in error messages
@@ -223,20 +233,22 @@ def score_predictions(
     batch_size: int = 16,
     workers: int = 4,
     background_merge: bool | None = None,
+    matching: str = "image",
 ) -> tuple[HungarianMetrics, list[dict[str, Any]]]:
     """Score ``pred_dir`` against a labelled dataset (``ids``, ``load_label``, ``num_classes``).
 
     ``background_merge`` (default: when the dataset has a ``background_index``) applies
-    :func:`eval.metrics.merge_background` to every prediction before matching.
+    :func:`eval.metrics.merge_background` to every prediction before matching. ``matching``
+    ("image" or "row") goes to :class:`eval.metrics.HungarianMetrics`.
 
     Returns:
         The filled ``HungarianMetrics`` and one record per image (with its ``id``), in order.
     """
+    metrics = HungarianMetrics(num_classes=labels.num_classes, matching=matching)
     ids = list(labels.ids)
     paths = find_predictions(pred_dir, ids, ignore_extra=ignore_extra)
     resolution = int(labels.label_size)
     check_sizes(paths, resolution)
-    metrics = HungarianMetrics(num_classes=labels.num_classes)
     records: list[dict[str, Any]] = []
     background = getattr(labels, "background_index", None)
     if background_merge and background is None:
@@ -302,6 +314,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ADE20K as the DiffCut release scores it: 'other' (0) is class 0, 'flag' ignored",
     )
+    p.add_argument(
+        "--matching",
+        choices=MATCHINGS,
+        default="image",
+        help="image: the protocol; row: every pixel row matched on its own, as the Seg4Diff "
+        "release's evaluator (compatibility only, never a headline number)",
+    )
     p.add_argument("--split", default="val")
     p.add_argument(
         "--curated",
@@ -330,6 +349,19 @@ def _coverage_note(coverage: dict[str, Any]) -> str:
     return " (NOT the full benchmark)"
 
 
+def _protocol(merged: bool, matching: str) -> str:
+    """The ``protocol`` line of the output JSON."""
+    base = ROW_PROTOCOL if matching == "row" else PROTOCOL
+    return _MERGE_FIRST + base if merged else base
+
+
+def _row_note(matching: str) -> str:
+    """ " [ROW matching ...]" on the printed line of a row matching, or ""."""
+    if matching != "row":
+        return ""
+    return " [ROW matching: Seg4Diff-release compatibility, not a headline number]"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
@@ -356,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             background_merge=args.background_merge,
+            matching=args.matching,
         )
         random_source = random_weights_source(args.predictions, list(labels.ids))
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -375,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         **coverage,
         "resolution": args.resolution,
         "predictions": str(args.predictions),
-        "protocol": BACKGROUND_PROTOCOL if merged else PROTOCOL,
+        "protocol": _protocol(merged, args.matching),
+        "matching": args.matching,
         "background_index": getattr(labels, "background_index", None),
         "background_merge": merged,
         "random_weights": random_source is not None,
@@ -383,10 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         **result,
         "class_names": list(labels.class_names),
     }
+    note = _coverage_note(coverage) + _row_note(args.matching)
     print(
         f"{args.dataset} @ {args.resolution}: ACC {result['acc']:.2f}  mIoU {result['miou']:.2f}"
         f"  ({result['num_images']} images, {result['classes_counted']} of "
-        f"{result['num_classes']} classes counted)" + _coverage_note(coverage)
+        f"{result['num_classes']} classes counted)" + note
     )
     if args.output is not None:
         _write_atomic(args.output, json.dumps(json_safe(summary), indent=2) + "\n")

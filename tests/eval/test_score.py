@@ -88,6 +88,37 @@ def test_scores_equal_the_metric_on_the_arrays(coco, tmp_path):
     assert [r["id"] for r in records] == labels.ids
 
 
+def test_row_matching_flag(coco, tmp_path, capsys):
+    # One segment per image: the row matching scores it far higher, and says so.
+    root, _ = coco
+    labels = CocoStuff27(root, curated=False, label_size=RES)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    direct = HungarianMetrics(matching="row")
+    for i, image_id in enumerate(labels.ids):
+        pred = np.zeros((RES, RES), dtype=np.uint8)
+        Image.fromarray(pred).save(preds / f"{image_id}.png")
+        direct.update(pred, labels.load_label(i))
+    results = {}
+    for matching in ("image", "row"):
+        out = tmp_path / f"{matching}.json"
+        assert main(_coco_args(root, preds, "--matching", matching, "--output", str(out))) == 0
+        printed = capsys.readouterr().out
+        assert ("ROW matching" in printed) == (matching == "row")
+        results[matching] = json.loads(out.read_text())
+        assert results[matching]["matching"] == matching
+    row, image = results["row"], results["image"]
+    assert row["tp"] == direct.compute()["tp"] and row["fp"] == direct.compute()["fp"]
+    assert "per-row" in row["protocol"] and "NOT a headline" in row["protocol"]
+    assert image["protocol"].startswith("per-image")
+    assert row["miou"] > image["miou"] and row["pixels"] == image["pixels"]
+    metrics, _ = score_predictions(labels, preds, matching="row")
+    assert metrics.state() == direct.state()
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it
+        main(_coco_args(root, preds, "--matching", "column"))
+    assert exit_info.value.code == 2 and "invalid choice: 'column'" in capsys.readouterr().err
+
+
 def test_cityscapes(tmp_path, capsys):
     root = tmp_path / "cs"
     fakedata.write_cityscapes(root, n=2, size=(20, 40))
