@@ -46,6 +46,7 @@ class RunOptions:
     overlap: bool
     num_shards: int = 1
     shard_index: int = 0
+    matching: str = "image"
 
 
 def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> int | None:
@@ -122,5 +123,18 @@ def check_config(cfg: DictConfig) -> RunOptions:
             "overlap": _overlap(cfg.get("overlap"), device),
             "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
             "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
+            "matching": _matching((cfg.get("eval") or {}).get("matching", "image")),
         }
     )
+
+
+def _matching(value: Any) -> str:
+    """``eval.matching``: image (the default) or row (Seg4Diff's released evaluator)."""
+    from eval.metrics import MATCHINGS
+
+    if value not in MATCHINGS:
+        raise ConfigError(
+            f"eval.matching={value!r} is invalid; use image (per-image Hungarian matching) or "
+            "row (each pixel row on its own, as Seg4Diff's released evaluator)"
+        )
+    return value

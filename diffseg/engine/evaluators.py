@@ -128,7 +128,9 @@ class Records(Evaluator):
 
 class MetricEvaluator(Records):
     """Per-image Hungarian matching (:class:`eval.metrics.HungarianMetrics`), summed exactly over
-    the images, with one durable row per image (its integer TP/FP/FN) in ``per_image.csv``."""
+    the images, with one durable row per image (its integer TP/FP/FN) in ``per_image.csv``.
+    ``matching="row"`` matches every pixel row on its own (Seg4Diff's released evaluator; a
+    compatibility mode) and sums the rows' counts per image."""
 
     columns = CSV_COLUMNS
 
@@ -139,9 +141,11 @@ class MetricEvaluator(Records):
         class_names: Sequence[str],
         random_weights: bool,
         suffix: str = "",
+        matching: str = "image",
     ) -> None:
         super().__init__(out_dir, wanted, random_weights, suffix)
         self.class_names = list(class_names)
+        self.matching = matching
         self.metrics = None
 
     def reset(self) -> None:
@@ -152,7 +156,7 @@ class MetricEvaluator(Records):
     def _restore(self, records: list[dict[str, Any]]) -> None:
         from eval.metrics import HungarianMetrics
 
-        self.metrics = HungarianMetrics(num_classes=len(self.class_names))
+        self.metrics = HungarianMetrics(len(self.class_names), matching=self.matching)
         try:
             self.metrics.add_records(records)
         except ValueError as err:
@@ -178,6 +182,7 @@ class MetricEvaluator(Records):
         return {
             "acc": m["acc"],
             "miou": m["miou"],
+            "matching": self.matching,
             "num_images": m["num_images"],
             "classes_counted": m["classes_counted"],
             "pixels": m["pixels"],

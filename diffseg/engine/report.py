@@ -153,10 +153,19 @@ def print_summary(results: Mapping[str, Mapping[str, Any]], run_dir: Path) -> st
     subset = "" if ds["full_benchmark"] else " (NOT the full benchmark)"
     if ds.get("incomplete"):  # a partial copy: say how much of it was found
         subset = f" (NOT the full benchmark: {ds['images_found']} of {ds['images_expected']} found)"
+    res = first["resolution"]
+    at = f"{res}x{res}"
+    if ds.get("preprocessing") == "seg4diff":
+        at = f"shortest side {res} (each image's own aspect)"
     lines.append(
         f"dataset   {ds['name']} ({ds.get('split') or '-'}), {ds['num_images_run']} images"
-        f"{subset}, evaluated at {first['resolution']}x{first['resolution']}"
+        f"{subset}, evaluated at {at}"
     )
+    if first.get("matching") == "row":
+        lines.append(
+            "matching  ROW (every pixel row matched on its own, as Seg4Diff's released "
+            "evaluator): far more lenient, NOT comparable with per-image numbers"
+        )
     lines.append(
         f"backbone  {bb['name']} ({bb.get('model_id') or 'random'}) at "
         f"{bb.get('image_size', '?')} px, unet {(bb.get('precision') or {}).get('unet', '?')} "

@@ -355,6 +355,8 @@ def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, An
         },
         "seed": options.seed,
         "save_predictions": options.save_predictions,
+        # only when not the default, so run dirs made before the option still resume
+        **({"matching": options.matching} if options.matching != "image" else {}),
         "settings": {s.name or "": s.describe() for s in settings},
     }
 
@@ -381,7 +383,9 @@ def _setting_run(
     )
     writers = [w for w in (factory(ctx) for factory in _evaluator_factories(rc)) if w]
     if dataset.has_labels:
-        records = MetricEvaluator(setting.out_dir, ids, dataset.class_names, random_weights, suffix)
+        records = MetricEvaluator(
+            setting.out_dir, ids, dataset.class_names, random_weights, suffix, options.matching
+        )
     else:
         records = SegmentCounter(setting.out_dir, ids, random_weights, suffix)
     return SettingRun(setting, writers, records)
