@@ -7,6 +7,7 @@ Usage::
         [--output results.json] [--per-image per_image.jsonl]
     python -m eval.score --dataset voc --predictions DIR --resolution 128 [--preprocessing P]
         [--no-background-merge]
+    python -m eval.score --dataset cityscapes --classes 19 --predictions DIR   # or context 59
 
 Datasets: every benchmark of the dataset catalog (``diffseg.data.catalog``): coco_stuff27,
 cityscapes, and DiffCut's voc, context, coco_object (background class: many-to-one matching
@@ -30,6 +31,10 @@ For datasets with a background class (``background_index`` of the loader: voc, c
 coco_object) each prediction first goes through ``eval.metrics.merge_background`` (DiffCut's
 many-to-one rule: segments not matched to an object class of the image become one background
 segment), then the usual matching over all classes; ``--no-background-merge`` skips it.
+
+``--classes`` picks a dataset's other class list: Cityscapes' official 19 trainIds (instead of
+27), Pascal Context's 59 classes with the background ignored (instead of 60; no background
+class, so no merge).
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ def build_labels(
         kwargs["curated"] = curated
     if ids_file is not None:
         kwargs["ids_file"] = ids_file
-    for option in ("curated", "other_as_class", "void_as_background"):
+    for option in ("curated", "other_as_class", "void_as_background", "classes"):
         if option in kwargs and option not in info.options:
             takers = [n for n in _choices() if option in _benchmark(n).options]
             flag = "--curated/--no-curated" if option == "curated" else _flag(option)
@@ -240,7 +245,8 @@ def score_predictions(
     records: list[dict[str, Any]] = []
     background = getattr(labels, "background_index", None)
     if background_merge and background is None:
-        raise ValueError(f"{labels.name} has no background class to merge segments into.")
+        title = getattr(labels, "title", labels.name)
+        raise ValueError(f"{title} has no background class to merge segments into.")
     merge = background is not None and background_merge is not False
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +308,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ADE20K as the DiffCut release scores it: 'other' (0) is class 0, 'flag' ignored",
     )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="the other class list: cityscapes 19 (official trainIds; default 27), context 59 "
+        "(background ignored; default 60)",
+    )
     p.add_argument("--split", default="val")
     p.add_argument(
         "--curated",
@@ -345,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.ids_file,
             preprocessing=args.preprocessing,
             other_as_class=args.other_as_class,
+            classes=args.classes,
         )
         merged = getattr(labels, "background_index", None) is not None and (
             args.background_merge is not False
@@ -372,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset": args.dataset,
         "split": args.split,
         "curated": getattr(labels, "curated", None),
+        **({"classes": labels.classes} if hasattr(labels, "classes") else {}),
         **coverage,
         "resolution": args.resolution,
         "predictions": str(args.predictions),
