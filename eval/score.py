@@ -7,6 +7,7 @@ Usage::
         [--output results.json] [--per-image per_image.jsonl] [--matching image|row]
     python -m eval.score --dataset voc --predictions DIR --resolution 128 [--preprocessing P]
         [--no-background-merge]
+    python -m eval.score --dataset cityscapes --classes 19 --predictions DIR   # or context 59
 
 Datasets: every benchmark of the dataset catalog (``diffseg.data.catalog``): coco_stuff27,
 cityscapes, and DiffCut's voc, context, coco_object (background class: many-to-one matching
@@ -35,6 +36,10 @@ segment), then the usual matching over all classes; ``--no-background-merge`` sk
 (``eval.metrics``, a compatibility mode far more lenient than the protocol: never a headline
 number; that release merges no background, so add ``--no-background-merge`` to reproduce it).
 The output JSON always says its ``matching``, and the printed line flags a row matching.
+
+``--classes`` picks a dataset's other class list: Cityscapes' official 19 trainIds (instead of
+27), Pascal Context's 59 classes with the background ignored (instead of 60; no background
+class, so no merge).
 """
 
 from __future__ import annotations
@@ -197,7 +202,7 @@ def build_labels(
         kwargs["curated"] = curated
     if ids_file is not None:
         kwargs["ids_file"] = ids_file
-    for option in ("curated", "other_as_class", "void_as_background"):
+    for option in ("curated", "other_as_class", "void_as_background", "classes"):
         if option in kwargs and option not in info.options:
             takers = [n for n in _choices() if option in _benchmark(n).options]
             flag = "--curated/--no-curated" if option == "curated" else _flag(option)
@@ -252,7 +257,8 @@ def score_predictions(
     records: list[dict[str, Any]] = []
     background = getattr(labels, "background_index", None)
     if background_merge and background is None:
-        raise ValueError(f"{labels.name} has no background class to merge segments into.")
+        title = getattr(labels, "title", labels.name)
+        raise ValueError(f"{title} has no background class to merge segments into.")
     merge = background is not None and background_merge is not False
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -321,6 +327,13 @@ def _parser() -> argparse.ArgumentParser:
         help="image: the protocol; row: every pixel row matched on its own, as the Seg4Diff "
         "release's evaluator (compatibility only, never a headline number)",
     )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="the other class list: cityscapes 19 (official trainIds; default 27), context 59 "
+        "(background ignored; default 60)",
+    )
     p.add_argument("--split", default="val")
     p.add_argument(
         "--curated",
@@ -377,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.ids_file,
             preprocessing=args.preprocessing,
             other_as_class=args.other_as_class,
+            classes=args.classes,
         )
         merged = getattr(labels, "background_index", None) is not None and (
             args.background_merge is not False
@@ -405,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset": args.dataset,
         "split": args.split,
         "curated": getattr(labels, "curated", None),
+        **({"classes": labels.classes} if hasattr(labels, "classes") else {}),
         **coverage,
         "resolution": args.resolution,
         "predictions": str(args.predictions),

@@ -30,12 +30,17 @@ RANDOM_MARK = "RANDOM WEIGHTS"
 DATASET_NAMES = {
     "coco_stuff27": "COCO-Stuff-27",
     "cityscapes": "Cityscapes-27",
+    "cityscapes19": "Cityscapes-19",
     "voc": "Pascal VOC",
     "context": "Pascal Context",
+    "context59": "Pascal Context-59",
     "coco_object": "COCO-Object",
     "ade20k": "ADE20K",
     "folder": "folder",
 }
+#: Runs with a dataset's other class list (``dataset.classes``) are a dataset of their own in
+#: the tables: never shown as, or compared with, the default list's benchmark.
+CLASS_VARIANTS = {("cityscapes", 19): "cityscapes19", ("context", 59): "context59"}
 METHOD_NAMES = {"diffseg": "DiffSeg", "kmeans_c": "K-Means-C", "kmeans_s": "K-Means-S"}
 
 
@@ -88,9 +93,15 @@ def _backbone(result: Mapping[str, Any]) -> str | None:
     return STAND_INS.get(name, name)
 
 
+def dataset_key(result: Mapping[str, Any]) -> str | None:
+    """The dataset a result is a row of: its name, or its class variant ("cityscapes19")."""
+    ds = result.get("dataset") or {}
+    return CLASS_VARIANTS.get((ds.get("name"), ds.get("classes")), ds.get("name"))
+
+
 def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> dict | None:
     """The paper row a result reproduces (same dataset, method, resolution and settings)."""
-    dataset = (result.get("dataset") or {}).get("name")
+    dataset = dataset_key(result)
     method = (result.get("method") or {}).get("name")
     settings = settings_of(result)
     for row in paper:
@@ -182,7 +193,7 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
         rows.append(
             {
                 "path": where,
-                "dataset": (r.get("dataset") or {}).get("name", "?"),
+                "dataset": dataset_key(r) or "?",
                 "method": method,
                 "setting": setting,
                 "resolution": r.get("resolution"),

@@ -209,6 +209,25 @@ def test_engine_results_match_the_paper_and_say_what_they_cover(engine_runs):
     assert cov["partial"] is True and cov["expected"] == 2
 
 
+def test_another_class_list_is_its_own_dataset(engine_runs, tmp_path, capsys):
+    """A Cityscapes run with the 19 trainIds (or Context with 59 classes) is never shown as,
+    or compared with, the 27-class benchmark's row."""
+    _, full_dir, _ = engine_runs
+    full = read(full_dir)
+    assert full["dataset"]["classes"] == 27 and make_tables.dataset_key(full) == "cityscapes"
+    nineteen = {**full, "dataset": {**full["dataset"], "classes": 19}}
+    assert make_tables.dataset_key(nineteen) == "cityscapes19"
+    assert make_tables.paper_row(nineteen, make_tables.load_paper()) is None
+    context = {"dataset": {"name": "context", "classes": 59}}
+    assert make_tables.dataset_key(context) == "context59"
+    assert make_tables.dataset_key({"dataset": {"name": "context", "classes": 60}}) == "context"
+    run = as_trained(full_dir, tmp_path / "trained19")
+    (run / "results.json").write_text(json.dumps({**read(run), "dataset": nineteen["dataset"]}))
+    assert make_tables.main([str(tmp_path)]) == 0
+    row = _row(capsys.readouterr().out, "trained19")
+    assert row.startswith("| Cityscapes-19 |") and "76.0" not in row
+
+
 def _row(md: str, path_part: str) -> str:
     lines = [line for line in md.splitlines() if line.startswith("|") and path_part in line]
     assert len(lines) == 1, (path_part, md)

@@ -1,4 +1,4 @@
-"""Datasets: the benchmarks (COCO-Stuff-27, Cityscapes-27, Pascal VOC, Pascal Context,
+"""Datasets: the benchmarks (COCO-Stuff-27, Cityscapes-27 or -19, Pascal VOC, Pascal Context,
 COCO-Object, ADE20K), a folder of images, and SeeDiff's generated datasets (read by
 :mod:`.synthetic`, written by :mod:`.voc_writer`; class-list presets in :mod:`.class_lists`).
 
@@ -26,7 +26,7 @@ from diffseg.data.catalog import (
     load_all,
     register,
 )
-from diffseg.data.cityscapes import CITYSCAPES27_CLASSES, Cityscapes27
+from diffseg.data.cityscapes import CITYSCAPES19_CLASSES, CITYSCAPES27_CLASSES, Cityscapes27
 from diffseg.data.coco_object import CocoObject
 from diffseg.data.cocostuff import CocoStuff27, load_coco_stuff27_metadata
 from diffseg.data.context import PascalContext
@@ -63,6 +63,7 @@ def build_dataset(name: str, **kwargs: Any) -> ImageDataset:
 __all__ = [
     "ADE20K",
     "CATALOG",
+    "CITYSCAPES19_CLASSES",
     "CITYSCAPES27_CLASSES",
     "DatasetInfo",
     "CocoObject",

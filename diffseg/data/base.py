@@ -43,6 +43,18 @@ def check_size(value: Any, what: str) -> int:
     return int(value)
 
 
+def check_classes(value: Any, choices: Sequence[int], dataset: str) -> int:
+    """The ``classes`` option of a dataset with several class lists: one of ``choices``.
+
+    Raises:
+        ValueError: any other value (booleans and floats too), naming it and the choices.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in choices:
+        shown = " or ".join(str(c) for c in choices)
+        raise ValueError(f"{dataset}: classes={value!r} is not offered; choose {shown}.")
+    return int(value)
+
+
 def read_id_list(path: str | Path) -> list[str]:
     """Image ids, one per line (blank lines and surrounding spaces ignored)."""
     path = Path(path)
@@ -162,6 +174,11 @@ class ImageDataset(Dataset):
             raise ValueError(f"{cls.__name__} needs a root folder")
         return default_data_root() / folder
 
+    @property
+    def title(self) -> str:
+        """The name printed in messages ("Cityscapes-27"): the catalog's title, or ``name``."""
+        return self.info.title if self.info is not None else self.name
+
     def is_benchmark_list(self) -> bool:
         """Whether the ids are the benchmark's own list (not the user's, not a scan that a
         subclass marks as a subset, such as COCO-Stuff's ``curated=False``)."""
@@ -194,7 +211,7 @@ class ImageDataset(Dataset):
         cov = self.benchmark_coverage(ids)
         if not cov["incomplete"]:
             return None
-        title = self.info.title if self.info else self.name
+        title = self.title
         return (
             f"{title} {self.split} at {self.root}: {cov['images_found']} of the benchmark's "
             f"{cov['images_expected']} images found; results are marked NOT the full benchmark"

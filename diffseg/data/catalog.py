@@ -58,6 +58,9 @@ class DatasetInfo:
         layout: ``layout(root, split) -> str``: the sentences telling a user which files are
             expected where and how to prepare them (error messages and docs).
         prepare: the command that prepares the data (``{root}`` is filled in), or None.
+        class_counts: the values of the loader's ``classes`` option, the default first
+            (Cityscapes: 27 or 19); empty when the dataset has one class list. ``class_names``
+            and ``background_index`` describe the default.
         options: constructor options besides the common ones (root, split, image_size,
             label_size, ids, ids_file, preprocessing) that command lines may pass on.
         protocol: the defaults of the dataset's config (``configs/dataset/<name>.yaml``), e.g.
@@ -76,6 +79,7 @@ class DatasetInfo:
     folder: str | None = None
     layout: Callable[[Path, str], str] | None = None
     prepare: str | None = None
+    class_counts: tuple[int, ...] = ()
     options: tuple[str, ...] = ()
     protocol: Mapping[str, Any] = field(default_factory=dict)
     loader: type | None = None
@@ -162,7 +166,8 @@ def dataset_names(labelled: bool | None = None, benchmark: bool = False) -> list
 
 def catalog_table() -> str:
     """The Markdown table of the catalog that datasets/README.md shows (a test keeps the two
-    equal): name, aliases, loader, official sizes, classes, background class, prepare script."""
+    equal): name, aliases, loader, official sizes, classes (the other choices of the
+    ``classes`` option in brackets), background class, prepare script."""
     rows = [
         "| dataset | aliases | loader | official images | classes | background | prepared by |",
         "|---|---|---|---|---|---|---|",
@@ -170,6 +175,8 @@ def catalog_table() -> str:
     for info in load_all().values():
         sizes = ", ".join(f"{split} {n}" for split, n in info.official_sizes.items()) or "-"
         classes = len(info.classes()) if info.labelled and info.class_names else "-"
+        if info.class_counts[1:]:
+            classes = f"{classes} (or {', '.join(str(n) for n in info.class_counts[1:])})"
         background = "-" if info.background_index is None else str(info.background_index)
         script = info.prepare.split()[1] if info.prepare else "-"
         aliases = ", ".join(f"`{a}`" for a in info.aliases) or "-"

@@ -339,7 +339,16 @@ def _warn_about_shapes(dataset) -> None:
 def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, Any]:
     """What must not change when a run resumes: everything that changes its numbers or files."""
     ds = rc.dataset
-    keep = ("name", "split", "curated", "ids_file", "crop", "void_as_background", "other_as_class")
+    keep = (
+        "name",
+        "split",
+        "curated",
+        "ids_file",
+        "crop",
+        "void_as_background",
+        "other_as_class",
+        "classes",
+    )
     return {
         "dataset": {k: ds.get(k) for k in keep if k in ds},
         "dataset_size": len(dataset),
