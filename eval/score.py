@@ -253,7 +253,9 @@ def score_predictions(
     ids = list(labels.ids)
     paths = find_predictions(pred_dir, ids, ignore_extra=ignore_extra)
     resolution = int(labels.label_size)
-    check_sizes(paths, resolution)
+    per_image_size = bool(getattr(labels, "per_image_size", False))
+    if not per_image_size:  # seg4diff: each label has its own size, checked when it is read
+        check_sizes(paths, resolution)
     records: list[dict[str, Any]] = []
     background = getattr(labels, "background_index", None)
     if background_merge and background is None:
@@ -265,7 +267,11 @@ def score_predictions(
         pred = read_prediction(paths[i])
         label = labels.load_label(i).numpy()
         if pred.shape != label.shape:  # the header check makes this a changed file
-            raise ValueError(f"prediction {paths[i]} is {pred.shape}, label is {label.shape}.")
+            raise ValueError(
+                f"prediction {paths[i]} is {pred.shape[0]}x{pred.shape[1]} but its label is "
+                f"{label.shape[0]}x{label.shape[1]} (height x width); save predictions at the "
+                "evaluation size of the same --resolution and --preprocessing."
+            )
         if merge:
             pred = merge_background(pred, label, background, num_classes=labels.num_classes)
         return pred, label
@@ -274,9 +280,12 @@ def score_predictions(
         for start in range(0, len(ids), batch_size):
             chunk = range(start, min(start + batch_size, len(ids)))
             pairs = list(pool.map(load, chunk))
-            preds = np.stack([p for p, _ in pairs])
-            labs = np.stack([lab for _, lab in pairs])
-            for i, rec in zip(chunk, metrics.update(preds, labs), strict=True):
+            if per_image_size:  # shapes differ: one image at a time (the same records)
+                recs = [rec for p, lab in pairs for rec in metrics.update(p, lab)]
+            else:
+                preds = np.stack([p for p, _ in pairs])
+                recs = metrics.update(preds, np.stack([lab for _, lab in pairs]))
+            for i, rec in zip(chunk, recs, strict=True):
                 records.append({"id": ids[i], **rec})
     return metrics, records
 

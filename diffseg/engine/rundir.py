@@ -37,14 +37,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_text(path, text, fsync=True)
 
 
+#: How a fingerprint key left out (an option at its default, see ``_fingerprint``) is shown.
+_UNSET = "(default)"
+
+
 def diff_fingerprints(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Lines ``key: old -> new`` for every leaf that differs."""
+    """Lines ``key: old -> new`` for every leaf that differs (a key one side lacks: the
+    option was at its default there)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
-            out += diff_fingerprints(old.get(key), new.get(key), f"{prefix}{key}.")
+            a, b = (d[key] if key in d else _UNSET for d in (old, new))
+            out += diff_fingerprints(a, b, f"{prefix}{key}.")
         return out
-    return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"] if old != new else []
+    shown = lambda v: v if v is _UNSET else repr(v)  # noqa: E731
+    return [f"{prefix.rstrip('.')}: {shown(old)} -> {shown(new)}"] if old != new else []
 
 
 class RunDir:

@@ -349,8 +349,12 @@ def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, An
         "other_as_class",
         "classes",
     )
+    chosen = {k: ds.get(k) for k in keep if k in ds}
+    counts = dataset.info.class_counts if getattr(dataset, "info", None) else ()
+    if counts and chosen.get("classes") in (None, counts[0]):
+        chosen.pop("classes", None)  # the default list: run dirs made before the option resume
     return {
-        "dataset": {k: ds.get(k) for k in keep if k in ds},
+        "dataset": chosen,
         "dataset_size": len(dataset),
         "limit": options.limit,
         "resolution": options.resolution,

@@ -98,6 +98,16 @@ def test_seg4diff_run_scores_each_image_at_its_own_size(coco, tmp_path):
         assert Image.open(run / "overlays" / f"{image_id}.png").size[0] > w
     assert out["results"]
 
+    # the offline scorer reads the same per-image sizes and gives the run's numbers
+    from eval.score import main
+
+    args = ["--dataset", "coco_stuff27", "--root", str(root), "--no-curated", "--resolution",
+            "48", "--preprocessing", "seg4diff", "--predictions", str(run / "predictions"),
+            "--output", str(tmp_path / "scored.json")]  # fmt: skip
+    assert main(args) == 0
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert scored["miou"] == pytest.approx(res["miou"]) and scored["pixels"] == res["pixels"]
+
 
 def test_a_square_only_method_is_refused_before_the_run(coco, tmp_path):
     from diffseg.errors import ConfigError
