@@ -47,6 +47,7 @@ class RunOptions:
     num_shards: int = 1
     shard_index: int = 0
     matching: str = "image"
+    background_merge: bool = True
 
 
 def _int_knob(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> int | None:
@@ -124,8 +125,16 @@ def check_config(cfg: DictConfig) -> RunOptions:
             "num_shards": _int_knob(cfg, "num_shards", 1) if "num_shards" in cfg else 1,
             "shard_index": _int_knob(cfg, "shard_index", 0) if "shard_index" in cfg else 0,
             "matching": _matching((cfg.get("eval") or {}).get("matching", "image")),
+            "background_merge": _background_merge(cfg.get("eval") or {}),
         }
     )
+
+
+def _background_merge(eval_cfg: Any) -> bool:
+    value = eval_cfg.get("background_merge", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"eval.background_merge={value!r} is invalid; use true or false")
+    return value
 
 
 def _matching(value: Any) -> str:

@@ -370,6 +370,7 @@ def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, An
         "save_predictions": options.save_predictions,
         # only when not the default, so run dirs made before the option still resume
         **({"matching": options.matching} if options.matching != "image" else {}),
+        **({} if options.background_merge else {"background_merge": False}),
         "settings": {s.name or "": s.describe() for s in settings},
     }
 
@@ -446,7 +447,7 @@ def _loop(dataset, todo, backbone, runs, options, progress, stages):
             options.resolution,
             options.device,
             on_batch=progress.update,
-            background=_background(dataset),
+            background=_background(dataset) if options.background_merge else None,
             overlap=options.overlap,
             times=stages,
         )
@@ -456,6 +457,13 @@ def _background(dataset) -> tuple[int, int] | None:
     """``(background class, classes)`` of a dataset with a background class, else None."""
     index = getattr(dataset, "background_index", None)
     return None if index is None else (int(index), int(dataset.num_classes))
+
+
+def _background_note(dataset, options) -> dict[str, Any]:
+    """``{"background_merge": bool}`` for a dataset with a background class, else nothing."""
+    if _background(dataset) is None:
+        return {}
+    return {"background_merge": options.background_merge}
 
 
 def _session(started: str, t_start: float, images: int, stages, options) -> dict[str, Any]:
@@ -497,6 +505,7 @@ def _report(rc: RunConfig, prep: _Prepared) -> dict[str, Any]:
         "random_weights": random_weights,
         "limit": options.limit,
         "seed": options.seed,
+        **_background_note(dataset, options),
         "timing": timing_summary(rundir.sessions),
         "peak_memory": peak_memory(options.device),
         "versions": versions(),

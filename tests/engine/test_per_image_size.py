@@ -154,3 +154,27 @@ def test_folder_predictions_go_back_to_the_photo_size(tmp_path):
         pred = np.asarray(Image.open(tmp_path / "run" / "predictions" / f"{name}.png"))
         assert pred.shape == hw
         assert (pred >= 0).all()  # the whole photo was segmented: nothing cropped away
+
+
+def test_seg4diff_protocol_matches_the_background_one_to_one(tmp_path):
+    """Seg4Diff's release scores VOC's background as an ordinary class (no many-to-one merge):
+    its protocol turns the merge off, and the saved predictions score the same offline without
+    a merge."""
+    from diffseg.tasks.evaluate import evaluate
+    from diffseg.testing.fakedata_diffcut import write_voc
+    from eval.score import main
+
+    ids = write_voc(tmp_path / "VOCdevkit", seed=4)
+    cfg = _cfg(["method=seg4diff", "backbone=tiny_sd3", "dataset=voc",
+                f"dataset.root={tmp_path / 'VOCdevkit'}", "logger=none", "num_workers=0",
+                "resolution=32", "save_predictions=true"])  # fmt: skip
+    assert cfg.eval.background_merge is False
+    evaluate(cfg, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["background_merge"] is False and res["num_images"] == len(ids)
+    args = ["--dataset", "voc", "--root", str(tmp_path / "VOCdevkit"), "--resolution", "32",
+            "--preprocessing", "seg4diff", "--no-background-merge", "--predictions",
+            str(tmp_path / "run" / "predictions"), "--output", str(tmp_path / "s.json")]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["tp"] == res["tp"]
+    assert _cfg(["method=diffcut", "dataset=voc"]).eval.background_merge is True
