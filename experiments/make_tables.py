@@ -36,7 +36,24 @@ DATASET_NAMES = {
     "ade20k": "ADE20K",
     "folder": "folder",
 }
-METHOD_NAMES = {"diffseg": "DiffSeg", "kmeans_c": "K-Means-C", "kmeans_s": "K-Means-S"}
+METHOD_NAMES = {
+    "diffseg": "DiffSeg",
+    "kmeans_c": "K-Means-C",
+    "kmeans_s": "K-Means-S",
+    "diffcut": "DiffCut",
+    "diffcut_autosc": "AutoSC",
+    "seg4diff": "Seg4Diff",
+}
+#: What the paper columns of a run say when no paper has its row (DiffSeg / DiffCut on MM-DiTs).
+NO_PAPER = "no paper number"
+#: The experiments whose rows no paper has (configs/experiment/).
+NEW_ROWS = (
+    "DiffSeg on an MM-DiT (`experiment=mmdit_diffseg`) and DiffCut on an MM-DiT "
+    "(`experiment=mmdit_diffcut`)"
+)
+#: The MM-DiT backbones (Seg4Diff's family): only Seg4Diff has paper numbers on them.
+MMDIT_BACKBONES = {"sd3", "sd35", "flux", "flux_schnell"}
+MMDIT_FAMILIES = {"sd3", "flux"}
 
 
 def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -80,7 +97,17 @@ def settings_of(result: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Random-weight backbones are matched to the row of the model whose layout they copy (their
 #: numbers are flagged as random in every table, never compared for real).
-STAND_INS = {"tiny": "sd14", "sd14_random": "sd14", "tiny_sdxl": "ssd1b", "sdxl_random": "ssd1b"}
+STAND_INS = {
+    "tiny": "sd14",
+    "sd14_random": "sd14",
+    "tiny_sdxl": "ssd1b",
+    "sdxl_random": "ssd1b",
+    "tiny_sd3": "sd3",
+    "tiny_sd35": "sd35",
+    "sd3_random": "sd3",
+    "tiny_flux": "flux",
+    "flux_random": "flux",
+}
 
 
 def _backbone(result: Mapping[str, Any]) -> str | None:
@@ -112,6 +139,15 @@ def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> 
         if all(_norm(settings.get(k)) == _norm(v) for k, v in match.get("settings", {}).items()):
             return dict(row)
     return None
+
+
+def no_paper_number(result: Mapping[str, Any], ref: Mapping[str, Any] | None) -> bool:
+    """True for a row no paper has: a method other than Seg4Diff on an MM-DiT backbone
+    (``experiment=mmdit_diffseg``, ``mmdit_diffcut``); such runs say so instead of a number."""
+    if ref is not None or (result.get("method") or {}).get("name") == "seg4diff":
+        return False
+    family = (result.get("backbone") or {}).get("family")
+    return family in MMDIT_FAMILIES or _backbone(result) in MMDIT_BACKBONES
 
 
 def _short_path(path: Path) -> str:
@@ -192,6 +228,7 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
                 "acc": _num(r.get("acc")),
                 "miou": _num(r.get("miou")),
                 "paper": ref,
+                "no_paper": no_paper_number(r, ref),
             }
         )
     rows.sort(
@@ -219,6 +256,16 @@ def _images(row: Mapping[str, Any]) -> str:
     return text
 
 
+def _paper(row: Mapping[str, Any], key: str) -> str:
+    """The paper's value of ``key`` beside a run: the number, with the paper row's status when it
+    has one ("54.9 (UNCONFIRMED)"); "no paper number" for a row no paper has."""
+    if row.get("no_paper"):
+        return NO_PAPER
+    paper = row["paper"] or {}
+    text = _f(paper.get(key))
+    return f"{text} ({paper['status']})" if paper.get("status") and text != "–" else text
+
+
 def _delta(row: Mapping[str, Any], key: str) -> str:
     paper = (row["paper"] or {}).get(key)
     return _d(row[key], paper) if comparable(row) else "–"
@@ -241,12 +288,11 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in real:
-            p = r["paper"] or {}
             out.append(
                 f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
                 f"| {r['resolution']} | {r['backbone']} | {_images(r)} "
-                f"| {_f(r['acc'])} | {_f(p.get('acc'))} | {_delta(r, 'acc')} "
-                f"| {_f(r['miou'])} | {_f(p.get('miou'))} | {_delta(r, 'miou')} "
+                f"| {_f(r['acc'])} | {_paper(r, 'acc')} | {_delta(r, 'acc')} "
+                f"| {_f(r['miou'])} | {_paper(r, 'miou')} | {_delta(r, 'miou')} "
                 f"| `{r['path']}` |"
             )
         out += ["", "Δ = this run minus the paper; – where the paper has no such setting."]
@@ -255,6 +301,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
                 "Runs marked partial or with a subset (limit, curated=false, ids_file) are not "
                 "the full benchmark: no Δ, they are not comparable to the paper."
             )
+        out += _notes(real)
     else:
         out.append("No run with trained weights found.")
     if rand:
@@ -287,7 +334,29 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             f"| {DATASET_NAMES.get(p['dataset'], p['dataset'])} | {p['label']} "
             f"| {_f(p['acc'])} | {_f(p['miou'])} |"
         )
+    out += ["", f"Rows no paper has ({NO_PAPER}): {NEW_ROWS}."]
     return "\n".join(out) + "\n"
+
+
+def _notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The notes under the results table for MM-DiT rows: what "no paper number" and a paper
+    row's status mean, and why a Seg4Diff run may have no paper number beside it."""
+    notes = []
+    if any(r.get("no_paper") for r in rows):
+        notes.append(f"{NO_PAPER}: {NEW_ROWS} are rows no paper has.")
+    statuses = sorted({r["paper"]["status"] for r in rows if (r["paper"] or {}).get("status")})
+    if statuses:
+        notes.append(
+            f"Paper numbers marked {', '.join(statuses)}: see the source notes in "
+            "experiments/paper_numbers.json (Seg4Diff's come from a third-party summary)."
+        )
+    if any(r["method"] == "seg4diff" and r["paper"] is None for r in rows):
+        notes.append(
+            "Seg4Diff's paper numbers (UNCONFIRMED) are compared only with runs under the "
+            "release's preprocessing (`preprocessing=seg4diff`, not selectable yet; "
+            "docs/seg4diff.md): Seg4Diff runs without it have none beside them."
+        )
+    return notes
 
 
 def _tex(s: str) -> str:
@@ -320,7 +389,6 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
         r"\midrule",
     ]
     for r in real:
-        p = r["paper"] or {}
         method = _method_label(r) + (r" (partial)" if r["partial"] else "")
         method += f" ({r['subset']})" if r["subset"] else ""
         cells = [
@@ -328,10 +396,10 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
             method,
             str(r["resolution"]),
             _f(r["acc"]),
-            _f(p.get("acc")),
+            _paper(r, "acc"),
             _delta(r, "acc"),
             _f(r["miou"]),
-            _f(p.get("miou")),
+            _paper(r, "miou"),
             _delta(r, "miou"),
         ]
         out.append(" & ".join(_tex(c).replace("–", "--") for c in cells) + r" \\")
