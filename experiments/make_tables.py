@@ -41,7 +41,24 @@ DATASET_NAMES = {
 #: Runs with a dataset's other class list (``dataset.classes``) are a dataset of their own in
 #: the tables: never shown as, or compared with, the default list's benchmark.
 CLASS_VARIANTS = {("cityscapes", 19): "cityscapes19", ("context", 59): "context59"}
-METHOD_NAMES = {"diffseg": "DiffSeg", "kmeans_c": "K-Means-C", "kmeans_s": "K-Means-S"}
+METHOD_NAMES = {
+    "diffseg": "DiffSeg",
+    "kmeans_c": "K-Means-C",
+    "kmeans_s": "K-Means-S",
+    "diffcut": "DiffCut",
+    "diffcut_autosc": "AutoSC",
+    "seg4diff": "Seg4Diff",
+}
+#: What the paper columns of a run say when no paper has its row (DiffSeg / DiffCut on MM-DiTs).
+NO_PAPER = "no paper number"
+#: The experiments whose rows no paper has (configs/experiment/).
+NEW_ROWS = (
+    "DiffSeg on an MM-DiT (`experiment=mmdit_diffseg`) and DiffCut on an MM-DiT "
+    "(`experiment=mmdit_diffcut`)"
+)
+#: The MM-DiT backbones (Seg4Diff's family): only Seg4Diff has paper numbers on them.
+MMDIT_BACKBONES = {"sd3", "sd35", "flux", "flux_schnell"}
+MMDIT_FAMILIES = {"sd3", "flux"}
 
 
 def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -85,7 +102,17 @@ def settings_of(result: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Random-weight backbones are matched to the row of the model whose layout they copy (their
 #: numbers are flagged as random in every table, never compared for real).
-STAND_INS = {"tiny": "sd14", "sd14_random": "sd14", "tiny_sdxl": "ssd1b", "sdxl_random": "ssd1b"}
+STAND_INS = {
+    "tiny": "sd14",
+    "sd14_random": "sd14",
+    "tiny_sdxl": "ssd1b",
+    "sdxl_random": "ssd1b",
+    "tiny_sd3": "sd3",
+    "tiny_sd35": "sd35",
+    "sd3_random": "sd3",
+    "tiny_flux": "flux",
+    "flux_random": "flux",
+}
 
 
 def _backbone(result: Mapping[str, Any]) -> str | None:
@@ -115,6 +142,14 @@ def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> 
         preprocessing = (result.get("dataset") or {}).get("preprocessing", "diffseg")
         if match.get("preprocessing", "diffseg") != preprocessing:
             continue
+        # a row-matched run (Seg4Diff's released evaluator) is never set beside a paper number
+        if result.get("matching", "image") != match.get("matching", "image"):
+            continue
+        if (
+            "background_merge" in match
+            and result.get("background_merge") != match["background_merge"]
+        ):
+            continue
         if (
             "curated" in match
             and bool((result.get("dataset") or {}).get("curated")) != match["curated"]
@@ -123,6 +158,15 @@ def paper_row(result: Mapping[str, Any], paper: Sequence[Mapping[str, Any]]) -> 
         if all(_norm(settings.get(k)) == _norm(v) for k, v in match.get("settings", {}).items()):
             return dict(row)
     return None
+
+
+def no_paper_number(result: Mapping[str, Any], ref: Mapping[str, Any] | None) -> bool:
+    """True for a row no paper has: a method other than Seg4Diff on an MM-DiT backbone
+    (``experiment=mmdit_diffseg``, ``mmdit_diffcut``); such runs say so instead of a number."""
+    if ref is not None or (result.get("method") or {}).get("name") == "seg4diff":
+        return False
+    family = (result.get("backbone") or {}).get("family")
+    return family in MMDIT_FAMILIES or _backbone(result) in MMDIT_BACKBONES
 
 
 def _short_path(path: Path) -> str:
@@ -203,6 +247,7 @@ def collect(paths: Iterable[str | os.PathLike], paper: Sequence[Mapping[str, Any
                 "acc": _num(r.get("acc")),
                 "miou": _num(r.get("miou")),
                 "paper": ref,
+                "no_paper": no_paper_number(r, ref),
             }
         )
     rows.sort(
@@ -230,6 +275,16 @@ def _images(row: Mapping[str, Any]) -> str:
     return text
 
 
+def _paper(row: Mapping[str, Any], key: str) -> str:
+    """The paper's value of ``key`` beside a run: the number, with the paper row's status when it
+    has one ("54.9 (UNCONFIRMED)"); "no paper number" for a row no paper has."""
+    if row.get("no_paper"):
+        return NO_PAPER
+    paper = row["paper"] or {}
+    text = _f(paper.get(key))
+    return f"{text} ({paper['status']})" if paper.get("status") and text != "–" else text
+
+
 def _delta(row: Mapping[str, Any], key: str) -> str:
     paper = (row["paper"] or {}).get(key)
     return _d(row[key], paper) if comparable(row) else "–"
@@ -252,12 +307,11 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in real:
-            p = r["paper"] or {}
             out.append(
                 f"| {DATASET_NAMES.get(r['dataset'], r['dataset'])} | {_method_label(r)} "
                 f"| {r['resolution']} | {r['backbone']} | {_images(r)} "
-                f"| {_f(r['acc'])} | {_f(p.get('acc'))} | {_delta(r, 'acc')} "
-                f"| {_f(r['miou'])} | {_f(p.get('miou'))} | {_delta(r, 'miou')} "
+                f"| {_f(r['acc'])} | {_paper(r, 'acc')} | {_delta(r, 'acc')} "
+                f"| {_f(r['miou'])} | {_paper(r, 'miou')} | {_delta(r, 'miou')} "
                 f"| `{r['path']}` |"
             )
         out += ["", "Δ = this run minus the paper; – where the paper has no such setting."]
@@ -266,6 +320,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
                 "Runs marked partial or with a subset (limit, curated=false, ids_file) are not "
                 "the full benchmark: no Δ, they are not comparable to the paper."
             )
+        out += _notes(real)
     else:
         out.append("No run with trained weights found.")
     if rand:
@@ -298,7 +353,29 @@ def markdown(rows: Sequence[Mapping[str, Any]], paper: Sequence[Mapping[str, Any
             f"| {DATASET_NAMES.get(p['dataset'], p['dataset'])} | {p['label']} "
             f"| {_f(p['acc'])} | {_f(p['miou'])} |"
         )
+    out += ["", f"Rows no paper has ({NO_PAPER}): {NEW_ROWS}."]
     return "\n".join(out) + "\n"
+
+
+def _notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The notes under the results table for MM-DiT rows: what "no paper number" and a paper
+    row's status mean, and why a Seg4Diff run may have no paper number beside it."""
+    notes = []
+    if any(r.get("no_paper") for r in rows):
+        notes.append(f"{NO_PAPER}: {NEW_ROWS} are rows no paper has.")
+    statuses = sorted({r["paper"]["status"] for r in rows if (r["paper"] or {}).get("status")})
+    if statuses:
+        notes.append(
+            f"Paper numbers marked {', '.join(statuses)}: see the source notes in "
+            "experiments/paper_numbers.json (Seg4Diff's come from a third-party summary)."
+        )
+    if any(r["method"] == "seg4diff" and r["paper"] is None for r in rows):
+        notes.append(
+            "Seg4Diff's paper numbers (UNCONFIRMED) are compared only with runs under the "
+            "release's protocol (`preprocessing=seg4diff` at resolution 640, what "
+            "`method=seg4diff` runs; docs/seg4diff.md): other Seg4Diff runs have none beside them."
+        )
+    return notes
 
 
 def _tex(s: str) -> str:
@@ -331,7 +408,6 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
         r"\midrule",
     ]
     for r in real:
-        p = r["paper"] or {}
         method = _method_label(r) + (r" (partial)" if r["partial"] else "")
         method += f" ({r['subset']})" if r["subset"] else ""
         cells = [
@@ -339,10 +415,10 @@ def latex(rows: Sequence[Mapping[str, Any]]) -> str:
             method,
             str(r["resolution"]),
             _f(r["acc"]),
-            _f(p.get("acc")),
+            _paper(r, "acc"),
             _delta(r, "acc"),
             _f(r["miou"]),
-            _f(p.get("miou")),
+            _paper(r, "miou"),
             _delta(r, "miou"),
         ]
         out.append(" & ".join(_tex(c).replace("–", "--") for c in cells) + r" \\")

@@ -111,9 +111,57 @@ def test_seediff(capsys, one_thread):
     assert row["seediff_s"] > 0 and "pamr_2_s" in row
 
 
+def _json_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def test_mmdit(capsys, one_thread):
     out = _run("mmdit.py", capsys)
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = _json_rows(out)
     assert {r["case"] for r in rows} == {"encode", "plain", "capture_i2t", "capture_i2i", "extract"}
     assert all(r["wall_s"] > 0 and r["config"] == "tiny_sd3" for r in rows)
-    assert re.search(r"capture_i2t/plain: wall [\d.]+x", out)
+    assert {r["block"] for r in rows if r["case"] == "plain"} == {3}  # the backbone's default
+    assert all(r["stack"] == "10 of 10 joint blocks (full stack)" for r in rows)
+    assert not any(r["truncated"] for r in rows)
+    assert re.search(r"block 3 capture_i2t/plain: wall [\d.]+x", out)
+
+
+def test_mmdit_truncated_flux(capsys, one_thread):
+    # tiny_flux has 2 double + 2 single blocks: keep 1 + 1, read the last of each kind
+    _script("mmdit.py").main(["--config", "tiny_flux", "--size", "128", "--repeats", "1",
+                              "--double-blocks", "1", "--single-blocks", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    stack = "1 of 2 double + 1 of 2 single blocks (TRUNCATED: real widths, heads, RoPE, text "
+    stack += "length; fewer blocks; T5 1 of 2 layers)"
+    assert out.splitlines()[0] == f"tiny_flux: {stack}"
+    rows = _json_rows(out)
+    assert all(r["stack"] == stack and r["truncated"] for r in rows)
+    assert sorted(r["block"] for r in rows if r["case"] == "capture_i2t") == [0, 1]
+    for block in (0, 1):
+        assert re.search(rf"block {block} capture_i2i/plain: wall [\d.]+x", out)
+
+
+def test_mmdit_truncated_sd3(capsys, one_thread):
+    # SD3's last block is built as the model's final one (no text output): the last but one is read
+    _script("mmdit.py").main(["--config", "tiny_sd3", "--size", "128", "--repeats", "1",
+                              "--blocks", "4"])  # fmt: skip
+    rows = _json_rows(capsys.readouterr().out)
+    assert {r["block"] for r in rows if r["case"] != "encode"} == {2}
+    assert rows[0]["stack"].startswith("4 of 10 joint blocks (TRUNCATED")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--config", "flux_random", "--double-blocks", "20"],
+            "--blocks must be in 1 .. 19 for 'flux'",
+        ),
+        (["--config", "flux", "--single-blocks", "39"], "--single-blocks must be in 0 .. 38"),
+        (["--config", "sd3_random", "--single-blocks", "1"], "for FLUX configs; 'sd3' has joint"),
+    ],
+)
+def test_mmdit_refuses_a_stack_it_cannot_build(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:  # refused before any model is built
+        _script("mmdit.py").main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -145,13 +145,15 @@ def read(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def as_trained(src: Path, dst: Path) -> Path:
-    """A copy of a run dir whose results.json says the weights were trained."""
+def as_trained(src: Path, dst: Path, name: str = "sd14", **changes) -> Path:
+    """A copy of a run dir whose results.json says the weights were trained (backbone ``name``),
+    with ``changes`` to its top-level keys."""
     shutil.copytree(src, dst)
     res = read(dst)
     res.pop("WARNING", None)
     res["random_weights"] = False
-    res["backbone"] = {**res["backbone"], "name": "sd14", "is_random": False}
+    res["backbone"] = {**res["backbone"], "name": name, "is_random": False}
+    res.update(changes)
     (dst / "results.json").write_text(json.dumps(res))
     return dst
 
@@ -295,3 +297,98 @@ def test_results_without_a_metric_are_skipped(engine_runs, tmp_path, value):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "results.json").write_text(json.dumps(res))
     assert make_tables.collect([tmp_path], make_tables.load_paper()) == []
+
+
+# ---- the MM-DiT experiments: Seg4Diff (UNCONFIRMED paper numbers) and the rows no paper has ----
+
+MMDIT_EXPERIMENTS = {
+    "mmdit_diffseg": ["backbone=tiny_sd3"],
+    "mmdit_diffcut": ["backbone=tiny_flux", "method.refine=false", "method.partial_eigh=true"],
+    "seg4diff_released": ["backbone=tiny_sd3"],
+    "seg4diff_intended": ["backbone=tiny_sd3"],
+}
+
+
+@pytest.fixture(scope="module")
+def mmdit_runs(tmp_path_factory, one_thread):
+    """The folder of one engine run per MM-DiT experiment (tiny random backbones, one
+    COCO-Stuff image, 512 px input, evaluation at 64)."""
+    base = tmp_path_factory.mktemp("mmdit")
+    root = base / "coco"
+    fakedata.write_cocostuff(root, n=1, size=(40, 52), seed=1)
+    common = [f"dataset.root={root}", "dataset.curated=false", "logger=none", "num_workers=0",
+              "num_overlays=0", "image_size=512", "resolution=64"]  # fmt: skip
+    for name, overrides in MMDIT_EXPERIMENTS.items():
+        evaluate(compose_cfg(f"experiment={name}", *overrides, *common), base / "random" / name)
+    return base / "random"
+
+
+def test_mmdit_experiments_are_rows_with_their_paper_status(mmdit_runs, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    for name in MMDIT_EXPERIMENTS:
+        as_trained(mmdit_runs / name, trained / name, name="flux" if "diffcut" in name else "sd3")
+    # a Seg4Diff run under the release's protocol (preprocessing=seg4diff at 640, what
+    # method=seg4diff runs; the fixture evaluates at 64 to stay small) is compared with the
+    # UNCONFIRMED numbers
+    released = read(mmdit_runs / "seg4diff_released")
+    protocol = {"resolution": 640, "dataset": {**released["dataset"], "preprocessing": "seg4diff"}}
+    as_trained(mmdit_runs / "seg4diff_released", trained / "release_protocol", "sd3", **protocol)
+    out = tmp_path / "tables"
+    assert make_tables.main([str(trained), str(mmdit_runs), "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    results, rest = md.split("## ⚠ RANDOM WEIGHTS")
+    random_part, paper_part = rest.split("## The paper's numbers")
+
+    for name, method in (("mmdit_diffseg", "DiffSeg"), ("mmdit_diffcut", "DiffCut")):
+        res, row = read(mmdit_runs / name), _row(results, f"trained/{name}")
+        assert row.startswith(f"| COCO-Stuff-27 | {method} | 64 |")
+        assert f"| {res['miou']:.1f} | no paper number | – |" in row
+        assert f"| {res['acc']:.1f} | no paper number | – |" in row
+    for name in ("seg4diff_released", "seg4diff_intended"):  # at 64, not the protocol's 640
+        row = _row(results, f"trained/{name}")
+        assert row.startswith("| COCO-Stuff-27 | Seg4Diff | 64 | sd3 |") and "paper" not in row
+        assert f"| {read(mmdit_runs / name)['miou']:.1f} | – | – |" in row
+    row = _row(results, "trained/release_protocol")
+    assert f"| {released['miou']:.1f} | 49.7 (UNCONFIRMED) | – |" in row  # curated=false: no Δ
+    assert "no paper number: DiffSeg on an MM-DiT (`experiment=mmdit_diffseg`)" in results
+    assert "Paper numbers marked UNCONFIRMED" in results
+    assert "compared only with runs under the release's protocol" in results
+    # random weights: apart and flagged, no paper column
+    for name in MMDIT_EXPERIMENTS:
+        assert "tiny_" in _row(random_part, f"random/{name}")
+        assert "⚠ RANDOM WEIGHTS" in _row(random_part, f"random/{name}")
+    # the paper's table: Seg4Diff's five UNCONFIRMED rows, and the experiments without a number
+    seg4diff = [line for line in paper_part.splitlines() if "Seg4Diff" in line]
+    assert len(seg4diff) == 5 and all("(UNCONFIRMED)" in line for line in seg4diff)
+    assert (
+        "| Pascal VOC | Seg4Diff, SD3-medium, training-free (UNCONFIRMED) | – | 54.9 |" in seg4diff
+    )
+    assert "Rows no paper has (no paper number):" in paper_part
+    for experiment in (REPO / "configs" / "experiment").glob("mmdit_*.yaml"):
+        assert f"`experiment={experiment.stem}`" in paper_part
+    tex = (out / "tables.tex").read_text()
+    assert tex.count("no paper number") == 4 and "49.7 (UNCONFIRMED)" in tex
+
+
+def test_seg4diff_paper_rows_need_the_release_protocol():
+    """Seg4Diff's UNCONFIRMED numbers sit beside a run only under its protocol: the release's
+    preprocessing at 640, per-image matching, no background merge, Context's 59 classes."""
+    paper = make_tables.load_paper()
+
+    def result(dataset, **extra):
+        return {
+            "dataset": {"preprocessing": "seg4diff", **dataset},
+            "method": {"name": "seg4diff", "layer": 9, "noise_step": 8},
+            "backbone_name": "sd3",
+            "resolution": 640,
+            **extra,
+        }
+
+    voc = result({"name": "voc"}, background_merge=False, matching="image")
+    assert make_tables.paper_row(voc, paper)["miou"] == 54.9
+    assert make_tables.paper_row({**voc, "background_merge": True}, paper) is None
+    assert make_tables.paper_row({**voc, "matching": "row"}, paper) is None
+    assert make_tables.paper_row({**voc, "resolution": 512}, paper) is None
+    pc59 = result({"name": "context", "classes": 59})
+    assert make_tables.paper_row(pc59, paper)["miou"] == 52.6
+    assert make_tables.paper_row(result({"name": "context", "classes": 60}), paper) is None

@@ -26,7 +26,13 @@ from torch import Tensor
 from ..attention import cross_attention_layers, self_attention_layers
 from ..features import ALL, LAST_ENCODER_SELF_ATTENTION, FeatureCapture, FeatureRequest, Features
 
-__all__ = ["DEFAULT_TIMESTEP", "DiffusionBackbone", "default_scheduler", "validate_images"]
+__all__ = [
+    "DEFAULT_TIMESTEP",
+    "DiffusionBackbone",
+    "ModuleProperties",
+    "default_scheduler",
+    "validate_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,38 @@ def validate_images(images: Any, tolerance: float = RANGE_TOLERANCE) -> None:
 # Weights
 
 
-class DiffusionBackbone:
+class ModuleProperties:
+    """What every backbone reads off its modules: the device and precision of its denoiser (the
+    UNet, or the MM-DiT transformer: :attr:`denoiser`), and its VAE's precision and scale."""
+
+    vae: torch.nn.Module
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network of the denoising pass (subclasses: ``unet`` or ``transformer``)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the denoiser's parameters."""
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the denoiser's parameters (captured attention has its own)."""
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for every supported model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+class DiffusionBackbone(ModuleProperties):
     """One UNet pass per image batch, returning the features a request asks for.
 
     Args:
@@ -163,23 +200,9 @@ class DiffusionBackbone:
     # ---------------------------------------------------------------- properties
 
     @property
-    def device(self) -> torch.device:
-        """Device of the UNet's parameters."""
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Precision of the UNet's parameters (captured attention has its own)."""
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for every supported model)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet."""
+        return self.unet
 
     @property
     def image_size(self) -> int:

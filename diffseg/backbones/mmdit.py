@@ -27,13 +27,14 @@ import copy
 import logging
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..features import FeatureRequest, Features
-from .base import validate_images
+from .base import ModuleProperties, validate_images
 from .configs import model_configs, tiny_clip_tokenizer
 from .mmdit_capture import JointAttentionCapture
 from .weights import loading, move_modules, resolve_weights
@@ -77,7 +78,7 @@ def tiny_t5_tokenizer():
     )
 
 
-class MMDiTBackbone:
+class MMDiTBackbone(ModuleProperties):
     """One MM-DiT pass per image batch, returning the features a request asks for.
 
     Args:
@@ -147,23 +148,13 @@ class MMDiTBackbone:
     def _modules(self) -> list[torch.nn.Module]:
         return [self.transformer, self.vae, self.text_encoder, self.text_encoder_2]
 
-    # ---------------------------------------------------------------- properties
+    # ---------------------------------------------------------------- properties (and those of
+    # ModuleProperties: device, dtype, vae_dtype, vae_scale_factor)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def denoiser(self) -> torch.nn.Module:
+        """The transformer."""
+        return self.transformer
 
     @property
     def patch_size(self) -> int:
@@ -360,8 +351,23 @@ class MMDiTBackbone:
         )
 
 
-def _random_modules(name: str, seed: int):
-    """Random-weight transformer, VAE and scheduler of a named config (no download)."""
+def _overridden_configs(
+    name: str, overrides: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """The per-part configs of ``name`` with ``overrides`` (``{part: {key: value}}``) applied,
+    e.g. ``{"transformer": {"num_layers": 2}}``: a truncated block stack of the real shapes."""
+    configs = model_configs(name)
+    parts = sorted(k for k, v in configs.items() if isinstance(v, dict))
+    for part, values in (overrides or {}).items():
+        if part not in parts:
+            raise ValueError(f"config_overrides: {name!r} has no part {part!r}; its parts: {parts}")
+        configs[part] = {**configs[part], **values}
+    return configs
+
+
+def _random_modules(name: str, seed: int, overrides: Mapping[str, Mapping[str, Any]] | None = None):
+    """Random-weight transformer, VAE and scheduler of a named config (no download), with
+    ``overrides`` applied to its parts (see :func:`_overridden_configs`)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -369,7 +375,7 @@ def _random_modules(name: str, seed: int):
         SD3Transformer2DModel,
     )
 
-    configs = model_configs(name)
+    configs = _overridden_configs(name, overrides)
     family = configs["family"]
     cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
     with torch.random.fork_rng(devices=[]):
@@ -469,11 +475,13 @@ class SD3Backbone(MMDiTBackbone):
         device: str | torch.device = "cpu",
         seed: int = 0,
         vae_dtype: torch.dtype | None = None,
+        config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> SD3Backbone:
         """An SD3-layout model with RANDOM weights: ``tiny_sd3``, ``tiny_sd35`` (tests) or
-        ``sd3`` (the real shapes: compute benchmarks)."""
-        _, transformer, vae, scheduler, (te1, te2) = _random_modules(name, seed)
+        ``sd3`` (the real shapes: compute benchmarks). ``config_overrides`` changes parts of the
+        named config, e.g. ``{"transformer": {"num_layers": 10}}`` (a truncated stack)."""
+        _, transformer, vae, scheduler, (te1, te2) = _random_modules(name, seed, config_overrides)
         move_modules(transformer, device=device, dtype=dtype)
         move_modules(vae, device=device, dtype=vae_dtype or dtype)
         move_modules(te1, te2, device=device, dtype=torch.float32)
@@ -634,11 +642,13 @@ class FluxBackbone(MMDiTBackbone):
         device: str | torch.device = "cpu",
         seed: int = 0,
         vae_dtype: torch.dtype | None = None,
+        config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> FluxBackbone:
         """A FLUX-layout model with RANDOM weights: ``tiny_flux`` (tests) or ``flux`` (the real
-        shapes: compute benchmarks)."""
-        _, transformer, vae, scheduler, (te1, te2) = _random_modules(name, seed)
+        shapes: compute benchmarks). ``config_overrides`` changes parts of the named config, e.g.
+        ``{"transformer": {"num_layers": 2, "num_single_layers": 1}}`` (a truncated stack)."""
+        _, transformer, vae, scheduler, (te1, te2) = _random_modules(name, seed, config_overrides)
         move_modules(transformer, te2, device=device, dtype=dtype)
         move_modules(vae, device=device, dtype=vae_dtype or dtype)
         move_modules(te1, device=device, dtype=torch.float32)

@@ -1,7 +1,8 @@
 """The generation task behind ``python generate.py``: a dataset of image / mask pairs, classes x
-seeds, in the Pascal VOC layout, made by the generation method ``method._target_`` names (a
-:class:`~diffseg.methods.base.GenerationMethod`, SeeDiff by default; this task calls its declared
-stages only).
+seeds, in the Pascal VOC layout, made by the generation method the config's ``method._target_``
+names (a :class:`~diffseg.methods.base.GenerationMethod`; ``configs/generate.yaml`` names SeeDiff,
+and a config without ``_target_`` is refused: the task has no method of its own). It calls the
+method's declared stages only.
 
 It lives in the same house as evaluation: the model is ``backbone=<name>`` from the same registry
 (``configs/backbone/*.yaml``; in a family the method records), device, ``dtype`` and

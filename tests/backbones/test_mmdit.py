@@ -46,6 +46,25 @@ def test_registry_and_layouts(backbones):
         )
 
 
+def test_config_overrides_truncate_the_stack_and_keep_the_shapes(backbones):
+    from diffseg.backbones import FluxBackbone
+
+    parts = {"transformer": {"num_layers": 1, "num_single_layers": 1}}
+    cut = FluxBackbone.from_config("tiny_flux", config_overrides=parts)
+    full = backbones["tiny_flux"]
+    assert (cut.num_double_blocks, cut.num_blocks) == (1, 2)
+    assert (full.num_double_blocks, full.num_blocks) == (2, 4)
+    # same widths, heads and RoPE axes; the kept blocks are those of the full model (same seed)
+    for key in ("attention_head_dim", "num_attention_heads", "axes_dims_rope"):
+        assert cut.transformer.config[key] == full.transformer.config[key]
+    torch.testing.assert_close(
+        cut.transformer.transformer_blocks[0].attn.to_q.weight,
+        full.transformer.transformer_blocks[0].attn.to_q.weight,
+    )
+    with pytest.raises(ValueError, match="'tiny_flux' has no part 'unet'; its parts: "):
+        FluxBackbone.from_config("tiny_flux", config_overrides={"unet": {"num_layers": 1}})
+
+
 def test_sd3_conditioning_is_77_clip_plus_77_zero_t5(backbones):
     sd3 = backbones["tiny_sd3"]
     embeds, pooled = sd3.prompt_conditioning("")
