@@ -115,7 +115,7 @@ class MMDiTBackbone(ModuleProperties):
         attention_dtype: torch.dtype = torch.float32,
         layer: int | None = None,
         timestep: Any = None,  # UNet backbones' knob; MM-DiTs use noise_step (accepted, unused)
-        **_: Any,
+        seed: int = 0,  # the run's seed, as for every backbone; MM-DiT noise seeds its requests
     ) -> None:
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2

@@ -275,3 +275,12 @@ def test_flux_conditioning_is_t5_at_77_tokens_and_pooled_clip(backbones):
     assert text_ids.shape == (MAX_SEQUENCE_LENGTH, 3) and torch.all(text_ids == 0)
     ids = flux.tokenizer_2("", padding="max_length", max_length=MAX_SEQUENCE_LENGTH).input_ids
     assert ids[:2] == [1, 0]  # </s>, then padding, as T5's tokenizer gives the empty prompt
+
+
+def test_a_misspelled_argument_is_refused_not_ignored():
+    """A typo must not silently build something else (e.g. the full 12B FLUX instead of a
+    truncated stack)."""
+    from diffseg.backbones.mmdit import SD3Backbone
+
+    with pytest.raises(TypeError, match="config_overides"):
+        SD3Backbone.from_config("tiny_sd3", config_overides={"transformer": {"num_layers": 2}})
