@@ -12,7 +12,8 @@ The processors wrap the block's stock processor: they rebuild q and k exactly as
 optional qk norms, RoPE for FLUX), score one head at a time (an SD3 block at 1024 px holds one
 ``B x 4096 x 4250`` float32 matrix, not 24 of them), then call the stock processor, so the
 block's output is unchanged. Forward hooks take block outputs (image tokens) and stop the
-transformer after the last block a request needs.
+transformer after the last block a request needs; when that block's attention is all it needs,
+the pass stops inside it, right after the probabilities are taken.
 
 Token order: SD3 / SD3.5 concatenate image tokens first, then text; FLUX puts text first (and its
 single blocks receive the already concatenated sequence).
@@ -185,6 +186,11 @@ class JointAttentionCapture:
         self.last = max([*self.attention_blocks, *self.outputs.values()], default=-1)
 
     def _recorder(self, block: int):
+        # The last block needed, when only its attention is: nothing of its output is used, so
+        # the pass stops as soon as the probabilities are taken (its attention output and MLP
+        # are never computed; the recorded values are the same).
+        stop_here = self.stop_early and block == self.last and block not in self.outputs.values()
+
         def record(q: Tensor, k: Tensor, image: slice, text: slice) -> None:
             text_cols, image_block = joint_probabilities(
                 q, k, image, text, self.tokens, self.image_attention
@@ -193,6 +199,8 @@ class JointAttentionCapture:
                 self.store.text[block] = text_cols
             if image_block is not None:
                 self.store.image[block] = image_block
+            if stop_here:
+                raise _StopTransformer
 
         return record
 

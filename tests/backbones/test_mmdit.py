@@ -223,6 +223,29 @@ def test_block_output_and_early_stop(backbones):
     assert feats.sigma == pytest.approx(0.5150721, abs=1e-6)
 
 
+@pytest.mark.parametrize(("name", "block"), [("tiny_sd3", 4), ("tiny_flux", 1), ("tiny_flux", 3)])
+def test_a_pass_for_attention_only_stops_inside_the_last_block(backbones, name, block):
+    """Only the probabilities of the last block are needed: its attention output and MLP never
+    run, and what is recorded equals a pass that runs the block whole."""
+    bb = backbones[name]
+    ff = bb.blocks[block].ff if hasattr(bb.blocks[block], "ff") else bb.blocks[block].proj_out
+    ran = []
+    handle = ff.register_forward_hook(lambda *_a: ran.append(block))
+    request = FeatureRequest(joint_blocks=(block,), joint_tokens=(0, 3), noise_seed=1)
+    try:
+        inside = bb.extract(_images(1), request)
+    finally:
+        handle.remove()
+    assert ran == []
+    whole = bb.extract(
+        _images(1),
+        FeatureRequest(
+            joint_blocks=(block,), joint_tokens=(0, 3), modules=(f"block.{block}",), noise_seed=1
+        ),
+    )
+    assert torch.equal(inside.joint_text[block], whole.joint_text[block])
+
+
 def test_one_pass_per_noise_level_and_bad_requests(backbones):
     a = FeatureRequest(joint_blocks=(9,), joint_tokens=(0,), noise_seed=42, noise_step=8)
     b = FeatureRequest(modules=("block.2",), noise_seed=42, noise_step=8)
