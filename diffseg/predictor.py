@@ -303,7 +303,9 @@ class Segmenter:
         backbone: a name of ``configs/backbone`` (``sd14``, ``ssd1b``, ``tiny``, ...); None =
             the method's own (DiffSeg: sd14, DiffCut: ssd1b).
         crop: how a photo is made square: ``center`` (the paper's crop), ``pad`` (grey
-            padding, nothing lost) or ``resize`` (squashed).
+            padding, nothing lost) or ``resize`` (squashed); for every method, Seg4Diff
+            included (its benchmark chain, ``run.py``'s ``preprocessing=seg4diff``, is not used
+            here: ``resolution`` is the side of the square prediction).
         device: ``auto``, ``cpu``, ``cuda``, ...; dtype: None = the method's protocol.
         overrides: more ``run.py`` overrides (``image_size=256``, ``resolution=128``,
             ``method.num_points=8``, ``backbone.path=/models/sd14``).
@@ -366,6 +368,7 @@ class Segmenter:
 
     def _check(self, method: Any) -> None:
         try:
+            method.check_backbone(self.model)
             self.model.check_request(method.feature_request(), self.image_size)
         except ValueError as err:
             raise ConfigError(f"method {self.name}: {err}") from None

@@ -16,8 +16,9 @@ PiCIE), applied to each image on its own:
 Over a dataset the integers add up: ``ACC = sum(TP) / pixels``, ``IoU_c = TP_c / (TP_c + FP_c +
 FN_c)`` and ``mIoU`` is the mean of the defined IoUs (nan-mean). Both are reported in percent.
 
-**Row matching** (``matching="row"``) is a compatibility mode only. The Seg4Diff release (docs/seg4diff.md section 2) hands its PiCIE-style matching function
-one (H, W) prediction and label, and that function loops over axis 0 as if it were a batch. So
+**Row matching** (``matching="row"``) is a compatibility mode only. The Seg4Diff release
+(docs/seg4diff.md section 2) hands its PiCIE-style matching function one (H, W) prediction and
+label, and that function loops over axis 0 as if it were a batch. So
 every pixel row is matched on its own: steps 1 to 3 above run once per row, the matrix of a row
 has ``max(num_classes, K_row)`` columns with ``K_row`` = (largest segment id in that row, over
 all its pixels) + 1, and the image's TP/FP/FN are the sums over its rows. A row without a

@@ -10,6 +10,8 @@ nothing else:
 ``defaults(context)``   (class method) parameter values that depend on the dataset or the backbone,
                         used where the config leaves the parameter ``null``; default none
 ``feature_request()``   what the method needs from the UNet pass (:mod:`diffseg.features`)
+``check_backbone(bb)``  raise ``ValueError`` when the method's settings do not fit the loaded
+                        backbone (checked before the run starts); default: fits
 ``segment(...)``        labels ``(B, S, S)`` of a batch (the public API); ``(B, h, w)`` for an
                         ``(h, w)`` size when ``any_output_shape`` is True (default False)
 ``predict(...)``        what the engine records: :meth:`segment`, then the dataset's background
@@ -108,6 +110,11 @@ class Method:
     def feature_request(self) -> FeatureRequest:
         """What the method needs from the UNet pass."""
         raise NotImplementedError
+
+    def check_backbone(self, backbone: Any) -> None:
+        """Raise ``ValueError`` (one sentence naming the setting and the fix) when the settings
+        do not fit ``backbone``; the engine calls it once, after the backbone loaded and before
+        it checks the feature request against the backbone."""
 
     def segment(
         self, features: Features, output_size: int, hints: Mapping[str, Any] | None = None

@@ -79,6 +79,15 @@ def candidate_maps(normalized: Tensor) -> Tensor:
 # -------------------------------------------------------------------------------- the method
 
 
+def is_sd3_medium_layout(backbone: Any) -> bool:
+    """Whether ``backbone`` has SD3-medium's block layout, the one Seg4Diff's block 9 is pinned
+    for: the SD3 family without SD3.5's qk norms (SD3.5 and FLUX need an explicit layer)."""
+    if getattr(backbone, "family", None) != "sd3":
+        return False
+    config = getattr(getattr(backbone, "transformer", None), "config", None)
+    return getattr(config, "qk_norm", None) is None
+
+
 def _size(output_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(output_size, int | np.integer):
         size = (int(output_size), int(output_size))
@@ -96,8 +105,9 @@ class Seg4Diff(Method):
         preset: ``"released"`` (normalize ``"pixel"``, kl_threshold 0.1: what the released code
             runs) or ``"intended"`` (``"token"``, 0.035: what its config and training model
             suggest). Explicit ``normalize`` / ``kl_threshold`` override the preset.
-        layer: the block read (zero-based; several are averaged). None = 9 on SD3 / SD3.5;
-            FLUX needs an explicit layer (global numbering: double blocks, then single).
+        layer: the block read (zero-based; several are averaged). None = 9 on SD3-medium;
+            SD3.5 and FLUX need an explicit one (the release pins none; FLUX's numbering is
+            global: double blocks, then single).
         noise_step: the timestep, counted from the end of the backbone scheduler's schedule (28
             steps on SD3: 8 -> index 20, sigma 0.515, t 515.07).
         num_steps: the schedule's length (None = the backbone's: 28 SD3, 50 FLUX).
@@ -156,21 +166,28 @@ class Seg4Diff(Method):
     def layers(self, backbone: Any = None) -> tuple[int, ...]:
         """The blocks read, as a tuple (see :meth:`layer_for`)."""
         if self.layer is None:
-            if backbone is not None and getattr(backbone, "family", "sd3") != "sd3":
+            if backbone is not None and not is_sd3_medium_layout(backbone):
                 raise ValueError(
                     f"Seg4Diff pins no layer on {getattr(backbone, 'name', backbone)} (only "
-                    "SD3's block 9 is known): give one, e.g. Seg4Diff(layer=...) / method.layer="
+                    "SD3-medium's block 9 is known; the release pins none for SD3.5 or FLUX): "
+                    "give one, e.g. Seg4Diff(layer=...) / method.layer="
                 )
             return (SD3_LAYER,)
         return (self.layer,) if isinstance(self.layer, int) else self.layer
 
     def layer_for(self, backbone: Any) -> int | tuple[int, ...]:
-        """The block Seg4Diff reads on ``backbone`` (9 on SD3 / SD3.5 unless given)."""
+        """The block Seg4Diff reads on ``backbone`` (9 on SD3-medium unless given)."""
         layers = self.layers(backbone)
         count = getattr(backbone, "num_blocks", None)
         if count is not None and max(layers) >= count:
             raise ValueError(f"layer {max(layers)} does not exist: {backbone.name} has {count}")
         return layers[0] if len(layers) == 1 else layers
+
+    def check_backbone(self, backbone: Any) -> None:
+        """On an MM-DiT, the block to read must be given (SD3.5, FLUX) and exist
+        (:meth:`layer_for`); a UNet is refused by its own request check (no joint attention)."""
+        if getattr(backbone, "family", None) in ("sd3", "flux"):
+            self.layer_for(backbone)
 
     def feature_request(self, backbone: Any = None) -> FeatureRequest:
         """The I2T probabilities of the layer(s) to the 77 text tokens, at the noise step, with

@@ -249,6 +249,7 @@ def _check_requests(backbone, prep: _Prepared) -> None:
     there), checked before the run dir is claimed."""
     for setting in prep.settings:
         try:
+            setting.method.check_backbone(backbone)
             backbone.check_request(setting.method.feature_request(), prep.dataset.image_size)
         except ValueError as err:
             raise ConfigError(f"method {setting.method_name}: {err}") from None
