@@ -9,7 +9,10 @@ import any other module of the package (docs/architecture.md ("How to add a data
 
 Every dataset item is a dict: ``image`` float32 (3, image_size, image_size) in [-1, 1],
 ``label`` int64 (label_size, label_size) with -1 = ignore (benchmarks only), ``id`` str and
-``orig_size`` int64 tensor [H, W]. The default ``DataLoader`` collate batches them.
+``orig_size`` int64 tensor [H, W]. With ``preprocessing="seg4diff"`` the label is (h', w'), each
+image's own resized size, and ``eval_size`` int64 [h', w'] says it;
+:func:`~diffseg.data.collate.collate_items` batches such items (the labels stay a list), and
+equals the default ``DataLoader`` collate otherwise.
 """
 
 from __future__ import annotations
