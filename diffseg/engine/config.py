@@ -131,6 +131,7 @@ def check_config(cfg: DictConfig) -> RunOptions:
 
 
 def _background_merge(eval_cfg: Any) -> bool:
+    """``eval.background_merge`` (each protocol sets it; true when absent)."""
     value = eval_cfg.get("background_merge", True)
     if not isinstance(value, bool):
         raise ConfigError(f"eval.background_merge={value!r} is invalid; use true or false")
