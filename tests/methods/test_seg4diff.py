@@ -217,13 +217,15 @@ def test_run_py_method_seg4diff_on_a_folder(tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / "a.png")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "run.py", "method=seg4diff", "backbone=tiny_sd3", "dataset=folder",
-           f"dataset.path={folder}", "logger=none", "num_workers=0",
-           f"hydra.run.dir={tmp_path / 'r'}"]  # fmt: skip
+           f"dataset.path={folder}", "logger=none", "num_workers=0", "image_size=512",
+           "resolution=64", f"hydra.run.dir={tmp_path / 'r'}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["method"]["name"] == "seg4diff" and res["method"]["preset"] == "released"
     assert res["random_weights"] and "RANDOM WEIGHTS" in proc.stdout
+    assert res["dataset"]["preprocessing"] == "seg4diff"  # the protocol's: the whole photo
+    assert "shortest side 64" in proc.stdout
 
 
 def test_method_config_composes_with_the_sd3_backbone():
