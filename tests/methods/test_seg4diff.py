@@ -296,7 +296,14 @@ def test_a_threshold_and_layer_sweep_on_coco_takes_one_pass_per_image(tiny_sd3, 
     assert 0 <= res["miou"] <= 100 and res["complete"]
 
 
-def test_seg4diff_on_a_unet_backbone_is_a_config_error(tmp_path):
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ("tiny", "needs an MM-DiT backbone"),  # a UNet has no joint attention
+        ("tiny_flux", "method seg4diff: Seg4Diff pins no layer"),  # no block pinned on FLUX
+    ],
+)
+def test_a_run_that_cannot_read_a_block_stops_before_any_image(tmp_path, backbone, message):
     from PIL import Image
 
     from diffseg.errors import ConfigError
@@ -307,31 +314,17 @@ def test_seg4diff_on_a_unet_backbone_is_a_config_error(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "method=seg4diff", "backbone=tiny", "dataset=folder", f"dataset.path={folder}",
-            "logger=none", "image_size=512"])  # fmt: skip
-    with pytest.raises(ConfigError, match="needs an MM-DiT backbone"):
+            "method=seg4diff", f"backbone={backbone}", "dataset=folder",
+            f"dataset.path={folder}", "logger=none", "image_size=512"])  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
         evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_sd35_needs_an_explicit_layer_as_flux_does(tmp_path):
-    """The release pins no block for SD3.5: a run without method.layer stops with one line."""
-    from PIL import Image
-
-    from diffseg.errors import ConfigError
-    from diffseg.tasks.evaluate import evaluate
-
+def test_sd35_needs_an_explicit_layer_as_flux_does():
+    """The release pins no block for SD3.5 (nor FLUX): only SD3-medium reads block 9 unasked."""
     sd35 = build_backbone("tiny_sd35")
     with pytest.raises(ValueError, match="pins no layer"):
         Seg4Diff().check_backbone(sd35)
     Seg4Diff(layer=9).check_backbone(sd35)
     Seg4Diff().check_backbone(build_backbone("tiny_sd3"))  # SD3-medium: block 9
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "method=seg4diff", "backbone=tiny_flux", "dataset=folder", f"dataset.path={folder}",
-            "logger=none", "image_size=512"])  # fmt: skip
-    with pytest.raises(ConfigError, match="method seg4diff: Seg4Diff pins no layer"):
-        evaluate(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "results.json").exists()
