@@ -148,6 +148,24 @@ class MMDiTBackbone(ModuleProperties):
     def _modules(self) -> list[torch.nn.Module]:
         return [self.transformer, self.vae, self.text_encoder, self.text_encoder_2]
 
+    #: The diffusers pipeline class over these modules, and its component names.
+    pipeline_class: str = ""
+    components: tuple[str, ...] = (
+        "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+        "tokenizer_2",
+    )  # fmt: skip
+
+    @property
+    def pipeline(self):
+        """The model's diffusers pipeline over these modules (built once; its
+        ``encode_prompt`` makes the conditioning)."""
+        if self._pipeline is None:
+            import diffusers
+
+            cls = getattr(diffusers, self.pipeline_class)
+            self._pipeline = cls(**{name: getattr(self, name) for name in self.components})
+        return self._pipeline
+
     # ---------------------------------------------------------------- properties (and those of
     # ModuleProperties: device, dtype, vae_dtype, vae_scale_factor)
 
@@ -418,25 +436,8 @@ class SD3Backbone(MMDiTBackbone):
     text_first = False
     text_encoder_3 = None
     tokenizer_3 = None
-
-    @property
-    def pipeline(self):
-        """A diffusers ``StableDiffusion3Pipeline`` over these modules (no T5; built once)."""
-        if self._pipeline is None:
-            from diffusers import StableDiffusion3Pipeline
-
-            self._pipeline = StableDiffusion3Pipeline(
-                transformer=self.transformer,
-                scheduler=self.scheduler,
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                tokenizer=self.tokenizer,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer_2=self.tokenizer_2,
-                text_encoder_3=None,
-                tokenizer_3=None,
-            )
-        return self._pipeline
+    pipeline_class = "StableDiffusion3Pipeline"  # without T5: text_encoder_3 stays None
+    components = (*MMDiTBackbone.components, "text_encoder_3", "tokenizer_3")
 
     @torch.inference_mode()
     def prompt_conditioning(self, prompt: str = "") -> tuple[Tensor, Tensor]:
@@ -546,6 +547,7 @@ class FluxBackbone(MMDiTBackbone):
 
     family = "flux"
     text_first = True
+    pipeline_class = "FluxPipeline"
     default_num_steps = 50
     guidance_scale = 3.5
 
@@ -573,22 +575,6 @@ class FluxBackbone(MMDiTBackbone):
         )
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         scheduler.set_timesteps(sigmas=sigmas, mu=mu, device="cpu")
-
-    @property
-    def pipeline(self):
-        if self._pipeline is None:
-            from diffusers import FluxPipeline
-
-            self._pipeline = FluxPipeline(
-                scheduler=self.scheduler,
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                tokenizer=self.tokenizer,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer_2=self.tokenizer_2,
-                transformer=self.transformer,
-            )
-        return self._pipeline
 
     @torch.inference_mode()
     def prompt_conditioning(self, prompt: str = "") -> tuple[Tensor, Tensor, Tensor]:

@@ -53,26 +53,18 @@ SUBFOLDERS = {
         "tokenizer": None,
         "tokenizer_2": None,
     },
-    # MM-DiTs (SD3 / SD3.5 loaded without T5; FLUX with T5 as text_encoder_2)
-    "sd3": {
-        "vae": "config.json",
-        "transformer": "config.json",
-        "scheduler": "scheduler_config.json",
-        "text_encoder": "config.json",
-        "text_encoder_2": "config.json",
-        "tokenizer": None,
-        "tokenizer_2": None,
-    },
-    "flux": {
-        "vae": "config.json",
-        "transformer": "config.json",
-        "scheduler": "scheduler_config.json",
-        "text_encoder": "config.json",
-        "text_encoder_2": "config.json",
-        "tokenizer": None,
-        "tokenizer_2": None,
-    },
 }
+#: MM-DiTs need the same subfolders: SD3 / SD3.5 load without T5, FLUX with T5 as text_encoder_2.
+_MMDIT_SUBFOLDERS = {
+    "vae": "config.json",
+    "transformer": "config.json",
+    "scheduler": "scheduler_config.json",
+    "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
+    "tokenizer": None,
+    "tokenizer_2": None,
+}
+SUBFOLDERS.update(sd3=_MMDIT_SUBFOLDERS, flux=_MMDIT_SUBFOLDERS)
 
 
 def fix_message(model_id: str, family: str = "sd") -> str:

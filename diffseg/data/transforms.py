@@ -259,9 +259,7 @@ def seg4diff_image(
     resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
     x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
     ph, pw = padded_size(h, w)
-    x = F.pad(x, (0, pw - w, 0, ph - h))
-    x = F.interpolate(x[None], size=(model_size, model_size), mode="bilinear",
-                      align_corners=False)[0]  # fmt: skip
+    x = resize_image(F.pad(x, (0, pw - w, 0, ph - h)), model_size)
     return 2 * x - 1, (h, w)
 
 
@@ -269,10 +267,7 @@ def seg4diff_label(label: np.ndarray, short_side: int = SEG4DIFF_SHORT_SIDE) -> 
     """A label map (H, W) at Seg4Diff's evaluation size ``(h', w')``: nearest with half-pixel
     centres (PIL's NEAREST rule, without its limits on integer modes)."""
     h, w = seg4diff_size(*label.shape[:2], short_side)
-    rows = np.minimum(((np.arange(h) + 0.5) * label.shape[0] / h).astype(np.int64),
-                      label.shape[0] - 1)  # fmt: skip
-    cols = np.minimum(((np.arange(w) + 0.5) * label.shape[1] / w).astype(np.int64),
-                      label.shape[1] - 1)  # fmt: skip
+    rows, cols = nearest_indices(label.shape[0], h), nearest_indices(label.shape[1], w)
     return label[rows[:, None], cols[None, :]]
 
 

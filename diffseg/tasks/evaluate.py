@@ -316,8 +316,8 @@ def _check_output_shapes(settings, dataset) -> None:
     if square:
         raise ConfigError(
             f"method {square[0]} predicts square label maps only, but preprocessing="
-            f"{dataset.preprocessing} evaluates every image at its own resized size; use "
-            "preprocessing=diffseg or diffcut with it (or drop its PAMR, where it has one)"
+            f"{dataset.preprocessing} evaluates every image at its own resized size; run it "
+            "with preprocessing=diffseg or diffcut"
         )
 
 
@@ -350,10 +350,10 @@ def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, An
         "other_as_class",
         "classes",
     )
-    chosen = {k: ds.get(k) for k in keep if k in ds}
+    chosen = {k: ds.get(k) for k in keep if k in ds and k != "classes"}
     counts = dataset.info.class_counts if getattr(dataset, "info", None) else ()
-    if counts and chosen.get("classes") in (None, counts[0]):
-        chosen.pop("classes", None)  # the default list: run dirs made before the option resume
+    if counts:
+        chosen |= _unless_default("classes", ds.get("classes") or counts[0], counts[0])
     return {
         "dataset": chosen,
         "dataset_size": len(dataset),
@@ -369,11 +369,16 @@ def _fingerprint(rc: RunConfig, options, settings, dataset, ids) -> dict[str, An
         },
         "seed": options.seed,
         "save_predictions": options.save_predictions,
-        # only when not the default, so run dirs made before the option still resume
-        **({"matching": options.matching} if options.matching != "image" else {}),
-        **({} if options.background_merge else {"background_merge": False}),
+        **_unless_default("matching", options.matching, "image"),
+        **_unless_default("background_merge", options.background_merge, True),
         "settings": {s.name or "": s.describe() for s in settings},
     }
+
+
+def _unless_default(key: str, value: Any, default: Any) -> dict[str, Any]:
+    """``{key: value}`` for the fingerprint, or nothing at the option's default: options added
+    after a run dir was made must not stop it from resuming."""
+    return {} if value == default else {key: value}
 
 
 def _setting_run(
